@@ -1,0 +1,53 @@
+# Two commands do everything on a fresh machine:  make serve   and   make test
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export BENTOML_DO_NOT_TRACK ?= true
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export UV_CACHE_DIR ?= $(CURDIR)/.cache/uv
+
+# The embedded default of `make serve`: a local MLflow store and the file backup, nothing else.
+SERVE_MLFLOW ?= sqlite:///$(CURDIR)/data/mlflow.db
+SERVE_MODELS ?= prompt_injection
+PORT ?= 3000
+
+.PHONY: setup test serve demo-model training-api bench build clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c requirements.lock -e ".[test]"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Trains and publishes the demo prompt-injection classifier when none is registered yet.
+demo-model: setup
+	MLFLOW_TRACKING_URI=$(SERVE_MLFLOW) REGISTRY_BACKUP_PATH=data/model_registry.json \
+		$(BIN)/python -m training.demo --if-missing --name $(SERVE_MODELS)
+
+serve: demo-model
+	MLFLOW_TRACKING_URI=$(SERVE_MLFLOW) REGISTRY_MODELS=$(SERVE_MODELS) \
+		REGISTRY_BACKUP_PATH=data/model_registry.json REGISTRY_ARTIFACT_CACHE=data/artifacts \
+		$(BIN)/bentoml serve service:SecurityClassifier --port $(PORT)
+
+training-api: setup
+	$(BIN)/python -m training.api
+
+bench: setup
+	$(BIN)/python -m bench
+
+build: setup
+	$(BIN)/bentoml build
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

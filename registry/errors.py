@@ -1,0 +1,83 @@
+"""Every error the project raises, under one root.
+
+Callers branch on the type, never on the message; messages are built from the constructor
+arguments so that each one names what went wrong.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from registry.record import LayerAttempt
+
+
+class RegistryError(Exception):
+    """Root of every error raised by this project."""
+
+
+class SettingsError(RegistryError):
+    """A configuration variable holds a value that cannot be used."""
+
+    def __init__(self, variable: str, value: object, reason: str):
+        self.variable = variable
+        self.value = value
+        super().__init__(f"{variable}={value!r}: {reason}")
+
+
+class SelectorError(RegistryError, ValueError):
+    """A selector (`latest`, `best`, an alias or a version) is malformed."""
+
+    def __init__(self, selector: object, reason: str):
+        self.selector = selector
+        super().__init__(f"invalid selector {selector!r}: {reason}")
+
+
+class PayloadError(RegistryError, ValueError):
+    """Registry data (cache value, API body, backup file) has the wrong shape."""
+
+    def __init__(self, where: str, reason: str):
+        self.where = where
+        super().__init__(f"{where}: {reason}")
+
+
+class SourceUnavailable(RegistryError):
+    """A layer could not be asked: down, timed out, or answered with an error status."""
+
+    def __init__(self, source: str, reason: str):
+        self.source = source
+        self.reason = reason
+        super().__init__(f"{source} unavailable: {reason}")
+
+
+class SourceRejected(RegistryError):
+    """A layer answered, but what it holds is unusable (garbage, wrong shape, bad signature)."""
+
+    def __init__(self, source: str, reason: str):
+        self.source = source
+        self.reason = reason
+        super().__init__(f"{source} rejected: {reason}")
+
+
+class ModelNotResolvable(RegistryError):
+    """No layer of the chain could say which version of a model to serve."""
+
+    def __init__(self, name: str, selector: str, trail: Sequence["LayerAttempt"]):
+        self.name = name
+        self.selector = selector
+        self.trail = list(trail)
+        layers = "; ".join(f"{a.source}: {a.outcome}" + (f" ({a.detail})" if a.detail else "") for a in trail)
+        super().__init__(f"no version of model {name!r} for selector {selector!r} could be resolved [{layers or 'no layer configured'}]")
+
+
+class PublishError(RegistryError):
+    """Publishing a trained model into the registry failed."""
+
+
+class ArtifactError(RegistryError):
+    """A model artifact could not be fetched, verified or loaded."""
+
+    def __init__(self, uri: str, reason: str):
+        self.uri = uri
+        self.reason = reason
+        super().__init__(f"artifact {uri}: {reason}")

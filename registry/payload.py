@@ -1,0 +1,150 @@
+"""The registry payload shared by Redis, the training API and the file backup.
+
+```
+{"latest_models": {name: ENTRY}, "best_models": {name: ENTRY},
+ "versions": {name: [ENTRY, ...]}, "timestamp": "..."}
+```
+
+The top-level shape is checked when a payload is parsed; each model's entries are checked when
+that model is asked for, so one broken model does not hide the others.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Mapping, Optional
+
+from registry.errors import PayloadError
+from registry.record import BEST, ModelRecord, Selector
+
+SECTIONS = ("latest_models", "best_models", "versions")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Everything the registry says about one model."""
+
+    name: str
+    latest: Optional[ModelRecord] = None
+    best: Optional[ModelRecord] = None
+    versions: tuple[ModelRecord, ...] = ()
+
+    @classmethod
+    def from_records(cls, name: str, versions: list[ModelRecord], best: Optional[ModelRecord] = None) -> "ModelSection":
+        ordered = tuple(sorted(versions, key=lambda r: r.version_number))
+        if best is None:
+            best = next((r for r in ordered if BEST in r.aliases), None)
+        return cls(name=name, latest=ordered[-1] if ordered else None, best=best, versions=ordered)
+
+    def all_records(self) -> list[ModelRecord]:
+        return [r for r in (self.latest, self.best, *self.versions) if r is not None]
+
+    def select(self, selector: Selector, *, custom_aliases: bool) -> Optional[ModelRecord]:
+        """The record the selector names, or None when this section does not hold it.
+
+        Args:
+            custom_aliases: answer aliases other than `best` from the entries' alias lists.
+        """
+        if selector.kind == "latest":
+            candidates = self.all_records()
+            return max(candidates, key=lambda r: r.version_number) if candidates else None
+        if selector.kind == "version":
+            return next((r for r in self.all_records() if r.version == selector.value), None)
+        if selector.value == BEST:
+            if self.best is not None:
+                return self.best
+            return next((r for r in self.versions if BEST in r.aliases), None)
+        if not custom_aliases:
+            return None
+        return next((r for r in reversed(self.versions) if selector.value in r.aliases), None)
+
+    def entries(self) -> dict[str, Any]:
+        return {
+            "latest": self.latest.to_entry() if self.latest else None,
+            "best": self.best.to_entry() if self.best else None,
+            "versions": [r.to_entry() for r in self.versions],
+        }
+
+
+@dataclass(frozen=True)
+class RegistryPayload:
+    """A parsed registry payload; raw model data stays raw until a model is asked for."""
+
+    raw: Mapping[str, Any] = field(default_factory=lambda: {s: {} for s in SECTIONS})
+    where: str = "payload"
+
+    @classmethod
+    def empty(cls) -> "RegistryPayload":
+        return cls({"latest_models": {}, "best_models": {}, "versions": {}, "timestamp": utc_now()})
+
+    @classmethod
+    def parse(cls, data: object, where: str) -> "RegistryPayload":
+        """Check the top-level shape of bytes, text or an already decoded object."""
+        if isinstance(data, (bytes, bytearray)):
+            try:
+                data = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PayloadError(where, f"not UTF-8 text ({exc})") from exc
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError as exc:
+                raise PayloadError(where, f"not valid JSON ({exc})") from exc
+        if not isinstance(data, Mapping):
+            raise PayloadError(where, f"expected a JSON object, got {type(data).__name__}")
+        if "latest_models" not in data:
+            raise PayloadError(where, "missing 'latest_models'")
+        for key in SECTIONS:
+            if key in data and not isinstance(data[key], Mapping):
+                raise PayloadError(where, f"'{key}' must be an object keyed by model name")
+        return cls(data, where)
+
+    @property
+    def timestamp(self) -> Optional[str]:
+        ts = self.raw.get("timestamp")
+        return ts if isinstance(ts, str) else None
+
+    def model_names(self) -> list[str]:
+        names: set[str] = set()
+        for key in SECTIONS:
+            names.update(self.raw.get(key, {}) or {})
+        return sorted(names)
+
+    def section(self, name: str, *, source: str) -> Optional[ModelSection]:
+        """The model's section, validated; None when the payload knows nothing of the model."""
+        latest_raw = (self.raw.get("latest_models") or {}).get(name)
+        best_raw = (self.raw.get("best_models") or {}).get(name)
+        versions_raw = (self.raw.get("versions") or {}).get(name)
+        if latest_raw is None and best_raw is None and not versions_raw:
+            return None
+        where = f"{self.where} model {name!r}"
+        if versions_raw is not None and not isinstance(versions_raw, list):
+            raise PayloadError(where, "'versions' entry must be a list")
+        latest = None if latest_raw is None else ModelRecord.from_entry(latest_raw, source=source, name=name, where=f"{where} latest")
+        best = None if best_raw is None else ModelRecord.from_entry(best_raw, source=source, name=name, where=f"{where} best")
+        versions = tuple(
+            ModelRecord.from_entry(e, source=source, name=name, where=f"{where} versions[{i}]") for i, e in enumerate(versions_raw or [])
+        )
+        return ModelSection(name=name, latest=latest, best=best, versions=versions)
+
+    def with_section(self, section: ModelSection) -> "RegistryPayload":
+        """A copy with one model's section replaced (the others kept as they are)."""
+        data = {key: dict(self.raw.get(key) or {}) for key in SECTIONS}
+        entries = section.entries()
+        for key, value in (("latest_models", entries["latest"]), ("best_models", entries["best"])):
+            if value is None:
+                data[key].pop(section.name, None)
+            else:
+                data[key][section.name] = value
+        data["versions"][section.name] = entries["versions"]
+        data["timestamp"] = utc_now()
+        return RegistryPayload(data, self.where)
+
+    def to_json(self) -> str:
+        return json.dumps(self.raw, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,190 @@
+"""The values that flow through the chain: a selector in, a ModelRecord and its trail out."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional
+
+from registry.errors import PayloadError, SelectorError
+
+LATEST = "latest"
+BEST = "best"
+_ALIAS_RE = re.compile(r"^[A-Za-z_][\w\-]{0,254}$")
+_VERSION_RE = re.compile(r"^[1-9]\d{0,17}$")
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which version of a model: the highest (`latest`), an MLflow alias, or an exact version."""
+
+    kind: str  # "latest" | "alias" | "version"
+    value: str
+
+    @classmethod
+    def parse(cls, raw: object) -> "Selector":
+        if isinstance(raw, Selector):
+            return raw
+        if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+            raise SelectorError(raw, "expected a string or an integer version")
+        text = str(raw).strip()
+        if text == LATEST:
+            return cls("latest", LATEST)
+        if _VERSION_RE.match(text):
+            return cls("version", text)
+        if _ALIAS_RE.match(text):
+            return cls("alias", text)
+        raise SelectorError(raw, "use 'latest', 'best', an alias ([A-Za-z_][A-Za-z0-9_-]*) or a positive version number")
+
+    @classmethod
+    def from_request(cls, alias: object = None, version: object = None, default: str = LATEST) -> "Selector":
+        """The selector of a reload request: an exact version wins over an alias."""
+        if version is not None:
+            sel = cls.parse(version)
+            if sel.kind != "version":
+                raise SelectorError(version, "version must be a positive integer")
+            return sel
+        return cls.parse(default if alias is None else alias)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Outcome(str, enum.Enum):
+    HIT = "hit"
+    MISS = "miss"
+    UNAVAILABLE = "unavailable"
+    REJECTED = "rejected"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class LayerAttempt:
+    """One layer's answer during one resolution."""
+
+    source: str
+    outcome: Outcome
+    elapsed_ms: float
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "outcome": self.outcome.value, "elapsed_ms": round(self.elapsed_ms, 3), "detail": self.detail}
+
+
+def _version_str(value: object, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not _VERSION_RE.match(str(value)):
+        raise PayloadError(where, f"version must be a positive integer, got {value!r}")
+    return str(value)
+
+
+def _opt_str(entry: Mapping[str, Any], key: str, where: str) -> Optional[str]:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise PayloadError(where, f"{key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A resolved model version: where it lives, how good it is, and which layer said so."""
+
+    name: str
+    version: str
+    model_uri: str
+    artifact_uri: Optional[str] = None
+    run_id: Optional[str] = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    sha256: Optional[str] = None
+    source: str = ""
+    created_at: Optional[str] = None
+
+    @property
+    def version_number(self) -> int:
+        return int(self.version)
+
+    @property
+    def location(self) -> str:
+        """The most direct place to load the artifact from."""
+        return self.artifact_uri or self.model_uri
+
+    def to_entry(self) -> dict[str, Any]:
+        """The payload ENTRY (the source layer is not part of registry data)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "model_uri": self.model_uri,
+            "artifact_uri": self.artifact_uri,
+            "run_id": self.run_id,
+            "metrics": dict(self.metrics),
+            "aliases": list(self.aliases),
+            "sha256": self.sha256,
+            "created_at": self.created_at,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["metrics"] = dict(self.metrics)
+        data["aliases"] = list(self.aliases)
+        return data
+
+    def with_source(self, source: str) -> "ModelRecord":
+        return ModelRecord(**{**self.to_dict(), "aliases": self.aliases, "source": source})
+
+    @classmethod
+    def from_entry(cls, entry: object, *, source: str, name: Optional[str] = None, where: str = "entry") -> "ModelRecord":
+        """Validate one payload ENTRY; raises PayloadError naming what is wrong."""
+        if not isinstance(entry, Mapping):
+            raise PayloadError(where, f"expected an object, got {type(entry).__name__}")
+        entry_name = entry.get("name", name)
+        if not isinstance(entry_name, str) or not entry_name:
+            raise PayloadError(where, "'name' must be a non-empty string")
+        if name is not None and entry_name != name:
+            raise PayloadError(where, f"entry is for model {entry_name!r}, expected {name!r}")
+        version = _version_str(entry.get("version"), where)
+        model_uri = entry.get("model_uri")
+        if not isinstance(model_uri, str) or not model_uri:
+            raise PayloadError(where, "'model_uri' must be a non-empty string")
+        metrics = entry.get("metrics") or {}
+        if not isinstance(metrics, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items()
+        ):
+            raise PayloadError(where, "'metrics' must map names to numbers")
+        aliases = entry.get("aliases") or []
+        if not isinstance(aliases, (list, tuple)) or not all(isinstance(a, str) for a in aliases):
+            raise PayloadError(where, "'aliases' must be a list of strings")
+        sha = _opt_str(entry, "sha256", where)
+        if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise PayloadError(where, "'sha256' must be 64 lowercase hex digits")
+        created = entry.get("created_at")
+        if created is not None and not isinstance(created, (str, int, float)):
+            raise PayloadError(where, "'created_at' must be a string or a number")
+        return cls(
+            name=entry_name,
+            version=version,
+            model_uri=model_uri,
+            artifact_uri=_opt_str(entry, "artifact_uri", where),
+            run_id=_opt_str(entry, "run_id", where),
+            metrics={k: float(v) for k, v in metrics.items()},
+            aliases=tuple(aliases),
+            sha256=sha,
+            source=source,
+            created_at=None if created is None else str(created),
+        )
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The answer of the chain: the record and how each asked layer answered."""
+
+    record: ModelRecord
+    trail: tuple[LayerAttempt, ...]
+    selector: Selector
+
+    def trail_dicts(self) -> list[dict[str, Any]]:
+        return [a.to_dict() for a in self.trail]

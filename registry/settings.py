@@ -1,0 +1,131 @@
+"""Settings: read once from the environment into one typed object, then passed down."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from registry.errors import SettingsError
+
+ENV_PREFIX = "REGISTRY_"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class RegistrySettings(BaseSettings):
+    """Every knob of the resolver and the service; `REGISTRY_<FIELD>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True)
+
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Model names to serve (comma-separated), e.g. `prompt_injection,phishing`."""
+
+    alias: str = "latest"
+    """Selector used at start-up: `latest`, `best`, another MLflow alias, or an exact version."""
+
+    redis_url: Optional[str] = None
+    """Redis URL (`redis://`, `rediss://`, password in the URL); unset turns the cache layer off."""
+
+    cache_key: str = "model_registry"
+    """Redis key holding the registry payload."""
+
+    cache_ttl: int = Field(3600, gt=0)
+    """Seconds a payload written to Redis lives."""
+
+    redis_timeout: float = Field(0.5, gt=0)
+    """Seconds for a Redis connect or command before the layer counts as unavailable."""
+
+    training_api_url: Optional[str] = None
+    """Base URL of the training service (`GET /models/latest`); unset turns the layer off."""
+
+    training_api_timeout: float = Field(2.0, gt=0)
+    """Seconds for a training API request."""
+
+    mlflow_tracking_uri: Optional[str] = Field(None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "REGISTRY_MLFLOW_TRACKING_URI"))
+    """MLflow tracking/registry URI (`MLFLOW_TRACKING_URI`); unset turns the MLflow layer off."""
+
+    mlflow_prefix: str = "security_"
+    """Registered model name = prefix + model name."""
+
+    mlflow_timeout: float = Field(3.0, gt=0)
+    """Seconds for one MLflow REST request (sets MLFLOW_HTTP_REQUEST_TIMEOUT)."""
+
+    mlflow_retries: int = Field(1, ge=0)
+    """Retries of one MLflow REST request (sets MLFLOW_HTTP_REQUEST_MAX_RETRIES); the chain is the fallback."""
+
+    backup_path: Path = Path("data/model_registry.json")
+    """JSON file backup of the registry payload."""
+
+    fallback_models: dict[str, str] = Field(default_factory=dict)
+    """JSON object: model name -> Hugging Face directory or hub id used when no registry layer answers."""
+
+    artifact_cache: Path = Path("data/artifacts")
+    """Local directory of downloaded artifacts, keyed by name, version and digest."""
+
+    admin_token: Optional[SecretStr] = None
+    """Bearer token for `/reload`; unset refuses every reload (403)."""
+
+    workers: int = Field(1, ge=1)
+    """BentoML workers for the service."""
+
+    signing_key: Optional[SecretStr] = None
+    """HMAC-SHA256 key for registry payloads; unset = unsigned."""
+
+    allowed_uris: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """URI prefixes a model may come from (comma-separated); empty = any."""
+
+    allow_pickle: bool = False
+    """Load pickle-format artifacts whose digest is unknown."""
+
+    max_texts: int = Field(256, ge=1)
+    """Most texts in one classify request."""
+
+    max_text_chars: int = Field(20_000, ge=1)
+    """Most characters in one text of a classify request."""
+
+    max_batch_size: int = Field(32, ge=1)
+    """Largest batch the model sees at once."""
+
+    @field_validator("models", "allowed_uris", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("fallback_models", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip() else {}
+        return value
+
+    @field_validator("alias")
+    @classmethod
+    def _selector(cls, value: str) -> str:
+        from registry.record import Selector
+
+        Selector.parse(value)
+        return value
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "RegistrySettings":
+        """Build settings from the environment; a bad value raises SettingsError naming the variable."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            variable = "MLFLOW_TRACKING_URI" if field == "mlflow_tracking_uri" else ENV_PREFIX + field.upper()
+            raise SettingsError(variable, err.get("input"), err["msg"]) from exc
+        except json.JSONDecodeError as exc:  # pragma: no cover - pydantic wraps most of these
+            raise SettingsError(ENV_PREFIX + "FALLBACK_MODELS", exc.doc, str(exc)) from exc
+
+    def registered_name(self, model: str) -> str:
+        return f"{self.mlflow_prefix}{model}"

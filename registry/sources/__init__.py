@@ -1,0 +1,1 @@
+"""One module per registry layer, all behind `RegistrySource` (base.py)."""

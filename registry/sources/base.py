@@ -1,0 +1,110 @@
+"""The one small interface every registry layer implements."""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from registry.payload import ModelSection, RegistryPayload
+from registry.record import ModelRecord, Selector
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A layer's hit: the record, and the model's registry data to write back to the layers above."""
+
+    record: ModelRecord
+    section: Optional[ModelSection] = None
+
+
+@dataclass
+class LayerHealth:
+    """What one layer says about itself: reachable or not, how fast, and what it holds per model."""
+
+    source: str
+    reachable: bool
+    latency_ms: float
+    detail: str = ""
+    models: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "reachable": self.reachable,
+            "latency_ms": round(self.latency_ms, 3),
+            "detail": self.detail,
+            "models": self.models,
+        }
+
+
+class RegistrySource(abc.ABC):
+    """One layer of the chain.
+
+    `lookup` answers in exactly one of three ways, and they must not blur:
+    an `Answer` (hit); `None` ("I hold nothing for this"); or an exception —
+    `SourceUnavailable` ("I could not ask") or `SourceRejected` / `PayloadError`
+    ("what I hold is unusable").
+    """
+
+    source_id: str = ""
+    tag: str = "[HYBRID]"
+
+    def __init__(self) -> None:
+        self._failing: Optional[str] = None
+        self._state_lock = threading.Lock()
+        self.logger = logging.getLogger(type(self).__module__)
+
+    @abc.abstractmethod
+    def lookup(self, name: str, selector: Selector) -> Optional[Answer]:
+        """Find the version of `name` the selector names."""
+
+    @abc.abstractmethod
+    def health(self, models: list[str]) -> LayerHealth:
+        """Reachability, latency and what the layer holds for each model."""
+
+    def close(self) -> None:
+        """Release connections; the default holds none."""
+
+    # Logging a failing layer once: the first failure (or a new cause) is a WARNING,
+    # repeats are DEBUG, and the recovery is an INFO line.
+    def note_failure(self, kind: str, cause: str) -> None:
+        with self._state_lock:
+            first = self._failing != cause
+            self._failing = cause
+        level = logging.WARNING if first else logging.DEBUG
+        self.logger.log(level, "%s %s %s: %s", self.tag, self.source_id, kind, cause)
+
+    def note_success(self) -> None:
+        with self._state_lock:
+            was = self._failing
+            self._failing = None
+        if was is not None:
+            self.logger.info("%s %s recovered (was: %s)", self.tag, self.source_id, was)
+
+
+def section_summary(section: Optional[ModelSection]) -> dict[str, Any]:
+    """What a layer holds for one model, for health answers."""
+    if section is None:
+        return {"present": False}
+    return {
+        "present": True,
+        "latest": section.latest.version if section.latest else None,
+        "best": section.best.version if section.best else None,
+        "versions": [r.version for r in section.versions],
+    }
+
+
+def payload_summary(payload: Optional[RegistryPayload], models: list[str], source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in models:
+        if payload is None:
+            out[name] = {"present": False}
+            continue
+        try:
+            out[name] = section_summary(payload.section(name, source=source))
+        except Exception as exc:  # a broken model entry is reported, not raised, by health
+            out[name] = {"present": True, "error": str(exc)}
+    return out

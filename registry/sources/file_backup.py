@@ -1,0 +1,109 @@
+"""File backup layer: the registry payload as JSON on local disk, written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+from registry.errors import PayloadError, SourceUnavailable
+from registry.payload import ModelSection, RegistryPayload
+from registry.settings import RegistrySettings
+from registry.sources.base import LayerHealth, payload_summary
+from registry.sources.payload_source import PayloadSource
+
+
+class FileBackupSource(PayloadSource):
+    """Disaster recovery: always on; a missing file is a miss, a corrupt one is rejected."""
+
+    source_id = "file"
+    tag = "[FALLBACK]"
+    custom_aliases = True  # the last registry layer answers pinned aliases from what it last saw
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+
+    @classmethod
+    def from_settings(cls, settings: RegistrySettings) -> "FileBackupSource":
+        return cls(settings.backup_path)
+
+    def load_payload(self) -> Optional[RegistryPayload]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SourceUnavailable(self.source_id, f"cannot read {self.path}: {exc}") from exc
+        return RegistryPayload.parse(data, where=f"backup file {self.path}")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise writers (threads, workers, publishers) on a lock file beside the backup."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def store_section(self, section: ModelSection) -> None:
+        """Merge one model's section into the file (read-merge-write under a lock)."""
+        try:
+            with self._locked():
+                try:
+                    current = self.load_payload() or RegistryPayload.empty()
+                except PayloadError as exc:
+                    aside = self._quarantine()
+                    self.logger.warning("%s backup file %s was corrupt (%s); kept as %s", self.tag, self.path, exc, aside)
+                    current = RegistryPayload.empty()
+                self._write(current.with_section(section))
+        except OSError as exc:
+            raise SourceUnavailable(self.source_id, f"cannot write {self.path}: {exc}") from exc
+
+    def store_payload(self, payload: RegistryPayload) -> None:
+        try:
+            with self._locked():
+                self._write(payload)
+        except OSError as exc:
+            raise SourceUnavailable(self.source_id, f"cannot write {self.path}: {exc}") from exc
+
+    def _quarantine(self) -> Path:
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        os.replace(self.path, aside)
+        return aside
+
+    def _write(self, payload: RegistryPayload) -> None:
+        """Atomic replace: temp file in the same directory, fsync, rename, fsync the directory."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(payload.to_json())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def health(self, models: list[str]) -> LayerHealth:
+        start = time.perf_counter()
+        try:
+            payload = self.load_payload()
+        except (SourceUnavailable, PayloadError) as exc:
+            return LayerHealth(self.source_id, isinstance(exc, PayloadError), (time.perf_counter() - start) * 1000, str(exc))
+        elapsed = (time.perf_counter() - start) * 1000
+        writable = os.access(self.path.parent if self.path.parent.exists() else ".", os.W_OK)
+        detail = f"{self.path} " + ("absent" if payload is None else f"timestamp {payload.timestamp}") + ("" if writable else ", directory not writable")
+        return LayerHealth(self.source_id, True, elapsed, detail, payload_summary(payload, models, self.source_id))

@@ -1,0 +1,91 @@
+"""Redis cache layer: the registry payload under one key, written with a TTL."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from registry.errors import PayloadError, SourceUnavailable
+from registry.payload import ModelSection, RegistryPayload
+from registry.settings import RegistrySettings
+from registry.sources.base import LayerHealth, payload_summary
+from registry.sources.payload_source import PayloadSource
+
+
+class RedisCacheSource(PayloadSource):
+    """The cache: one pooled client, short timeouts, redis-py's own retry with backoff."""
+
+    source_id = "redis"
+    tag = "[CACHE]"
+
+    def __init__(self, url: str, *, key: str, ttl: int, timeout: float):
+        super().__init__()
+        self.key = key
+        self.ttl = ttl
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            health_check_interval=30,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: RegistrySettings) -> Optional["RedisCacheSource"]:
+        if not settings.redis_url:
+            return None
+        return cls(settings.redis_url, key=settings.cache_key, ttl=settings.cache_ttl, timeout=settings.redis_timeout)
+
+    def load_payload(self) -> Optional[RegistryPayload]:
+        try:
+            raw = self.client.get(self.key)
+        except redis.RedisError as exc:
+            raise SourceUnavailable(self.source_id, f"{type(exc).__name__}: {exc}") from exc
+        if raw is None:
+            return None
+        return RegistryPayload.parse(raw, where=f"redis key {self.key!r}")
+
+    def store_section(self, section: ModelSection) -> None:
+        """Merge one model's section into the cached payload, atomically (WATCH/MULTI, retried by redis-py)."""
+
+        def merge(pipe: redis.client.Pipeline) -> None:
+            raw = pipe.get(self.key)
+            try:
+                current = RegistryPayload.parse(raw, where="redis") if raw is not None else RegistryPayload.empty()
+            except PayloadError:
+                current = RegistryPayload.empty()  # a corrupt cache value is replaced, the registry below is intact
+            pipe.multi()
+            pipe.set(self.key, current.with_section(section).to_json(), ex=self.ttl)
+
+        try:
+            self.client.transaction(merge, self.key)
+        except redis.RedisError as exc:
+            raise SourceUnavailable(self.source_id, f"write failed: {type(exc).__name__}: {exc}") from exc
+
+    def store_payload(self, payload: RegistryPayload) -> None:
+        try:
+            self.client.set(self.key, payload.to_json(), ex=self.ttl)
+        except redis.RedisError as exc:
+            raise SourceUnavailable(self.source_id, f"write failed: {type(exc).__name__}: {exc}") from exc
+
+    def health(self, models: list[str]) -> LayerHealth:
+        start = time.perf_counter()
+        try:
+            self.client.ping()
+            ttl = self.client.ttl(self.key)
+            payload = self.load_payload()
+        except (SourceUnavailable, PayloadError) as exc:
+            return LayerHealth(self.source_id, isinstance(exc, PayloadError), (time.perf_counter() - start) * 1000, str(exc))
+        except redis.RedisError as exc:
+            return LayerHealth(self.source_id, False, (time.perf_counter() - start) * 1000, f"{type(exc).__name__}: {exc}")
+        elapsed = (time.perf_counter() - start) * 1000
+        detail = f"key {self.key!r} " + ("absent" if payload is None else f"ttl {ttl}s, timestamp {payload.timestamp}")
+        return LayerHealth(self.source_id, True, elapsed, detail, payload_summary(payload, models, self.source_id))
+
+    def close(self) -> None:
+        self.client.close()

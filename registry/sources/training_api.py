@@ -1,0 +1,60 @@
+"""Training API layer: `GET {base}/models/latest` answers the registry payload."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import httpx
+
+from registry.errors import PayloadError, SourceUnavailable
+from registry.payload import RegistryPayload
+from registry.settings import RegistrySettings
+from registry.sources.base import LayerHealth, payload_summary
+from registry.sources.payload_source import PayloadSource
+
+
+class TrainingAPISource(PayloadSource):
+    """The training service: a pooled httpx client, a bounded timeout, httpx's connect retries."""
+
+    source_id = "training_api"
+    tag = "[HYBRID]"
+
+    def __init__(self, base_url: str, *, timeout: float):
+        super().__init__()
+        self.base_url = base_url.rstrip("/")
+        self.client = httpx.Client(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout),
+            transport=httpx.HTTPTransport(retries=1),
+            headers={"Accept": "application/json"},
+        )
+
+    @classmethod
+    def from_settings(cls, settings: RegistrySettings) -> Optional["TrainingAPISource"]:
+        if not settings.training_api_url:
+            return None
+        return cls(settings.training_api_url, timeout=settings.training_api_timeout)
+
+    def load_payload(self) -> Optional[RegistryPayload]:
+        try:
+            response = self.client.get("/models/latest")
+        except httpx.HTTPError as exc:
+            raise SourceUnavailable(self.source_id, f"{type(exc).__name__}: {exc or 'no detail'}") from exc
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise SourceUnavailable(self.source_id, f"HTTP {response.status_code} from {response.request.url}")
+        return RegistryPayload.parse(response.content, where=f"training API {response.request.url}")
+
+    def health(self, models: list[str]) -> LayerHealth:
+        start = time.perf_counter()
+        try:
+            payload = self.load_payload()
+        except (SourceUnavailable, PayloadError) as exc:
+            return LayerHealth(self.source_id, isinstance(exc, PayloadError), (time.perf_counter() - start) * 1000, str(exc))
+        elapsed = (time.perf_counter() - start) * 1000
+        return LayerHealth(self.source_id, True, elapsed, self.base_url, payload_summary(payload, models, self.source_id))
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,1 @@
+"""The write side (publisher), the reference training API and the demo model."""
