@@ -64,7 +64,7 @@ class RegistrySettings(BaseSettings):
     backup_path: Path = Path("data/model_registry.json")
     """JSON file backup of the registry payload."""
 
-    fallback_models: dict[str, str] = Field(default_factory=dict)
+    fallback_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     """JSON object: model name -> Hugging Face directory or hub id used when no registry layer answers."""
 
     artifact_cache: Path = Path("data/artifacts")
@@ -124,8 +124,6 @@ class RegistrySettings(BaseSettings):
             field = str(err["loc"][0]) if err["loc"] else "?"
             variable = "MLFLOW_TRACKING_URI" if field == "mlflow_tracking_uri" else ENV_PREFIX + field.upper()
             raise SettingsError(variable, err.get("input"), err["msg"]) from exc
-        except json.JSONDecodeError as exc:  # pragma: no cover - pydantic wraps most of these
-            raise SettingsError(ENV_PREFIX + "FALLBACK_MODELS", exc.doc, str(exc)) from exc
 
     def registered_name(self, model: str) -> str:
         return f"{self.mlflow_prefix}{model}"

@@ -1,0 +1,87 @@
+"""Test helpers: settings builders, a tiny misbehaving HTTP layer, publishing tiny models."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from registry.settings import RegistrySettings
+from tests.servers import free_port
+
+
+def dead_url() -> str:
+    """A loopback URL where nothing listens (a stopped layer)."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def settings_for(tmp_path: Path, *, redis_url: Optional[str] = None, cache_key: str = "model_registry",
+                 training_api_url: Optional[str] = None, mlflow_uri: Optional[str] = None,
+                 fallback: Optional[dict[str, str]] = None, **extra: Any) -> RegistrySettings:
+    values: dict[str, Any] = dict(
+        redis_url=redis_url,
+        cache_key=cache_key,
+        redis_timeout=0.3,
+        training_api_url=training_api_url,
+        training_api_timeout=3.0,
+        mlflow_tracking_uri=mlflow_uri,
+        mlflow_timeout=2,
+        backup_path=tmp_path / "model_registry.json",
+        artifact_cache=tmp_path / "artifacts",
+        fallback_models=fallback or {},
+    )
+    values.update(extra)
+    return RegistrySettings.from_env(**values)
+
+
+class MisbehavingLayer:
+    """A real HTTP server on loopback that answers `/models/latest` however a test says."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.body: bytes = b"{}"
+        self.delay = 0.0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if outer.delay:
+                    time.sleep(outer.delay)
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(outer.body)))
+                self.end_headers()
+                self.wfile.write(outer.body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    @contextmanager
+    def running(self) -> Iterator["MisbehavingLayer"]:
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def publish_tiny(settings: RegistrySettings, name: str, seed: int, f1: float, flavor: str = "transformers"):
+    """Publish a tiny random BERT classifier as a new version of `name`."""
+    from tests.tiny_models import tiny_classifier
+    from training.publisher import Publisher
+
+    model, tokenizer = tiny_classifier(seed)
+    publisher = Publisher(settings)
+    try:
+        return publisher.publish(name, model, tokenizer, {"f1": f1, "accuracy": f1}, flavor=flavor)
+    finally:
+        publisher.close()

@@ -1,0 +1,118 @@
+"""The reference training API: `GET /models/latest` answers the registry payload, `GET /health`.
+
+It serves the registry the way the seed's training service does, cache -> MLflow -> file, and
+refreshes the cache and the file when it had to ask MLflow. Run it with
+`python -m training.api --port 8002` (settings from the same `REGISTRY_*` variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Optional
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from registry.errors import PayloadError, SourceUnavailable
+from registry.payload import RegistryPayload
+from registry.settings import RegistrySettings
+from registry.sources.file_backup import FileBackupSource
+from registry.sources.mlflow_registry import MLflowRegistrySource
+from registry.sources.redis_cache import RedisCacheSource
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingRegistry:
+    """The training service's view of the registry: Redis cache, then MLflow, then the file."""
+
+    def __init__(self, settings: RegistrySettings):
+        self.cache = RedisCacheSource.from_settings(settings)
+        self.mlflow = MLflowRegistrySource.from_settings(settings)
+        self.backup = FileBackupSource.from_settings(settings)
+
+    def payload(self) -> tuple[Optional[RegistryPayload], str, list[str]]:
+        """The payload, the layer that gave it, and why the layers above it did not."""
+        problems: list[str] = []
+        if self.cache is not None:
+            try:
+                cached = self.cache.load_payload()
+                if cached is not None:
+                    return cached, "redis", problems
+                problems.append("redis: empty")
+            except (SourceUnavailable, PayloadError) as exc:
+                logger.warning("[CACHE] %s", exc)
+                problems.append(f"redis: {exc}")
+        if self.mlflow is not None:
+            try:
+                fresh = self.mlflow.payload()
+                for target in (self.cache, self.backup):
+                    if target is None:
+                        continue
+                    try:
+                        target.store_payload(fresh)
+                    except SourceUnavailable as exc:
+                        logger.warning("%s refresh failed: %s", target.tag, exc.reason)
+                return fresh, "mlflow", problems
+            except SourceUnavailable as exc:
+                logger.warning("[MLFLOW] %s", exc)
+                problems.append(f"mlflow: {exc.reason}")
+        try:
+            backup = self.backup.load_payload()
+            if backup is not None:
+                logger.info("[FALLBACK] serving the registry from %s", self.backup.path)
+                return backup, "file", problems
+            problems.append("file: absent")
+        except (SourceUnavailable, PayloadError) as exc:
+            problems.append(f"file: {exc}")
+        return None, "", problems
+
+
+def create_app(settings: Optional[RegistrySettings] = None) -> Starlette:
+    settings = settings or RegistrySettings.from_env()
+    registry = TrainingRegistry(settings)
+    if registry.mlflow is not None:
+        registry.mlflow.client  # import mlflow now (seconds), not inside the first request's timeout
+
+    async def models_latest(request: Request) -> Response:
+        # Blocking clients run in Starlette's thread pool, never on the event loop.
+        from starlette.concurrency import run_in_threadpool
+
+        payload, source, problems = await run_in_threadpool(registry.payload)
+        if payload is None:
+            return JSONResponse({"error": "no registry data available", "layers": problems}, status_code=503)
+        return Response(payload.to_json(), media_type="application/json", headers={"X-Registry-Source": source})
+
+    async def health(request: Request) -> Response:
+        from starlette.concurrency import run_in_threadpool
+
+        start = time.perf_counter()
+        models = settings.models or None
+        checks = [s for s in (registry.cache, registry.mlflow, registry.backup) if s is not None]
+        layers = [await run_in_threadpool(s.health, models or []) for s in checks]
+        ok = any(layer.reachable for layer in layers)
+        body = {"status": "ok" if ok else "degraded", "layers": [layer.to_dict() for layer in layers],
+                "elapsed_ms": round((time.perf_counter() - start) * 1000, 3)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    return Starlette(routes=[Route("/models/latest", models_latest), Route("/health", health)])
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="Reference training API serving the model registry payload.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8002)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+
+
+if __name__ == "__main__":
+    main()
