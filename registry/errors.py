@@ -81,3 +81,29 @@ class ArtifactError(RegistryError):
         self.uri = uri
         self.reason = reason
         super().__init__(f"artifact {uri}: {reason}")
+
+
+class UnknownModel(RegistryError):
+    """A request named a model this service is not configured to serve."""
+
+    def __init__(self, name: str, known: Sequence[str]):
+        self.name = name
+        super().__init__(f"unknown model {name!r}; this service serves {', '.join(repr(k) for k in known) or 'no model'}")
+
+
+class ModelNotLoaded(RegistryError):
+    """A configured model has no version loaded yet (resolution or loading failed)."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+        super().__init__(f"model {name!r} is not loaded: {reason}")
+
+
+class ReloadFailed(RegistryError):
+    """A reload could not resolve, load or warm up the new version; the old one keeps serving."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+        super().__init__(f"reload of {name!r} failed, the previous version keeps serving: {reason}")

@@ -94,6 +94,27 @@ class RegistrySettings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)
     """Largest batch the model sees at once."""
 
+    torch_threads: int = Field(1, ge=1)
+    """Torch threads per worker; one per worker keeps a shared 2-core machine from thrashing."""
+
+    batch_wait_ms: float = Field(0.0, ge=0)
+    """Extra milliseconds a batch waits for more requests; 0 = take what queued while the model was busy."""
+
+    reload_dir: Optional[Path] = None
+    """Directory of the local reload bus (no Redis); default: private to this service run."""
+
+    reload_ack_timeout: float = Field(120.0, gt=0)
+    """Seconds a reload waits for the other workers to acknowledge."""
+
+    retry_interval: float = Field(10.0, gt=0)
+    """Seconds between start-up resolution attempts while a model cannot be loaded."""
+
+    @field_validator("redis_url", "training_api_url", "mlflow_tracking_uri", "admin_token", "signing_key", "reload_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # A variable declared but left empty (bento `envs`, compose files) means "not set".
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("models", "allowed_uris", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:

@@ -150,7 +150,7 @@ class Publisher:
         mlflow.set_tracking_uri(self.settings.mlflow_tracking_uri)
         mlflow.set_registry_uri(self.settings.mlflow_tracking_uri)
         try:
-            mlflow.set_experiment(registered)
+            self._experiment(registered)
             with mlflow.start_run(run_name=f"{name}-{flavor}") as run:
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
                 mlflow.log_params({"flavor": flavor, **dict(params or {})})
@@ -174,6 +174,17 @@ class Publisher:
         )
         record = self.refresh(name, version)
         return PublishResult(record, best_moved, previous_best)
+
+    def _experiment(self, name: str) -> None:
+        """Use (or create) the experiment; with a local sqlite store, artifacts go beside the database
+        instead of `./mlruns` in whatever directory the command ran from."""
+        import mlflow
+
+        uri = self.settings.mlflow_tracking_uri or ""
+        if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+            root = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+            mlflow.create_experiment(name, artifact_location=root.as_uri())
+        mlflow.set_experiment(name)
 
     def _move_best(self, registered: str, version: str, metrics: Mapping[str, float], metric: str, greater: bool) -> tuple[bool, Optional[str]]:
         from mlflow.exceptions import MlflowException

@@ -1,0 +1,308 @@
+"""Reload coordination: every worker of a service, and every replica sharing a Redis, ends on the same version.
+
+One mechanism, two backends. A reload is an *order* (model + concrete version) appended to a short
+log under a generation number that only grows. Each worker polls the generation (a Redis `GET`, or
+a file read), applies the orders it has not seen, and acknowledges each one. The worker that took
+the HTTP request resolves the version once, loads it itself, announces it, and waits for the
+acknowledgements of the workers it knows are alive (each worker heartbeats).
+
+- With `REGISTRY_REDIS_URL`: keys under `<cache_key>:reload:*` (shared by all replicas).
+- Without: a directory private to this service run (keyed by the parent process, the BentoML
+  arbiter), with `fcntl` locks.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import redis
+
+from registry.errors import RegistryError
+from registry.settings import RegistrySettings
+
+logger = logging.getLogger(__name__)
+
+LOG_LENGTH = 100
+HEARTBEAT_TTL = 6.0
+
+
+class CoordinationError(RegistryError):
+    """The reload bus (Redis or the local directory) could not be used."""
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ReloadOrder:
+    """Load `version` of `model`: what every worker must end on."""
+
+    generation: int
+    model: str
+    version: str
+    selector: str
+    issued_by: str
+    issued_at: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> "ReloadOrder":
+        data = json.loads(raw)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+class ReloadBus(abc.ABC):
+    """Where reload orders, acknowledgements and worker heartbeats meet."""
+
+    kind = ""
+
+    @abc.abstractmethod
+    def lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
+        """Serialise reloads across workers (and replicas)."""
+
+    @abc.abstractmethod
+    def announce(self, model: str, version: str, selector: str, issued_by: str) -> ReloadOrder:
+        """Append an order under the next generation."""
+
+    @abc.abstractmethod
+    def generation(self) -> int:
+        """The newest generation (0 before any reload)."""
+
+    @abc.abstractmethod
+    def orders_after(self, generation: int) -> list[ReloadOrder]:
+        """Orders newer than `generation`, oldest first."""
+
+    @abc.abstractmethod
+    def ack(self, generation: int, worker: str, result: dict[str, Any]) -> None:
+        """Record one worker's outcome for an order."""
+
+    @abc.abstractmethod
+    def acks(self, generation: int) -> dict[str, dict[str, Any]]:
+        """Every outcome recorded for an order, by worker."""
+
+    @abc.abstractmethod
+    def heartbeat(self, worker: str) -> None:
+        """Say this worker is alive."""
+
+    @abc.abstractmethod
+    def live_workers(self) -> list[str]:
+        """Workers that heartbeated within HEARTBEAT_TTL."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+    def wait_for_acks(self, generation: int, timeout: float, poll: float = 0.1) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """Wait until every live worker has acknowledged, or the timeout passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            acks = self.acks(generation)
+            live = self.live_workers()
+            missing = [w for w in live if w not in acks]
+            if not missing or time.monotonic() >= deadline:
+                return acks, missing
+            time.sleep(poll)
+
+    @staticmethod
+    def from_settings(settings: RegistrySettings) -> "ReloadBus":
+        if settings.redis_url:
+            return RedisReloadBus(settings.redis_url, prefix=f"{settings.cache_key}:reload", timeout=settings.redis_timeout)
+        return FileReloadBus(settings.reload_dir or default_reload_dir())
+
+
+def default_reload_dir() -> Path:
+    """A directory shared by the workers of one service run: they have the same parent (the arbiter)."""
+    return Path(tempfile.gettempdir()) / f"registry-reload-{os.getuid()}-{os.getppid()}"
+
+
+class RedisReloadBus(ReloadBus):
+    """Orders in a capped Redis list; generation by INCR; heartbeats in a hash."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, *, prefix: str, timeout: float):
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        self.prefix = prefix
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=max(timeout, 1.0), socket_connect_timeout=max(timeout, 1.0),
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError], health_check_interval=30,
+        )
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except redis.RedisError as exc:
+            raise CoordinationError(f"reload bus on Redis: {type(exc).__name__}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float) -> Iterator[None]:
+        lock = self.client.lock(f"{self.prefix}:lock", timeout=timeout + 30, blocking_timeout=timeout)
+        if not self._call(lock.acquire):
+            raise CoordinationError(f"another reload held the lock for more than {timeout}s")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                lock.release()
+
+    def announce(self, model: str, version: str, selector: str, issued_by: str) -> ReloadOrder:
+        generation = int(self._call(self.client.incr, f"{self.prefix}:generation"))
+        order = ReloadOrder(generation, model, version, selector, issued_by, time.time())
+        pipe = self.client.pipeline()
+        pipe.rpush(f"{self.prefix}:log", order.to_json())
+        pipe.ltrim(f"{self.prefix}:log", -LOG_LENGTH, -1)
+        self._call(pipe.execute)
+        return order
+
+    def generation(self) -> int:
+        return int(self._call(self.client.get, f"{self.prefix}:generation") or 0)
+
+    def orders_after(self, generation: int) -> list[ReloadOrder]:
+        orders = []
+        for raw in self._call(self.client.lrange, f"{self.prefix}:log", 0, -1):
+            try:
+                order = ReloadOrder.from_json(raw)
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.warning("[HYBRID] unreadable reload order skipped: %s", exc)
+                continue
+            if order.generation > generation:
+                orders.append(order)
+        return sorted(orders, key=lambda o: o.generation)
+
+    def ack(self, generation: int, worker: str, result: dict[str, Any]) -> None:
+        key = f"{self.prefix}:acks:{generation}"
+        pipe = self.client.pipeline()
+        pipe.hset(key, worker, json.dumps(result))
+        pipe.expire(key, 3600)
+        self._call(pipe.execute)
+
+    def acks(self, generation: int) -> dict[str, dict[str, Any]]:
+        raw = self._call(self.client.hgetall, f"{self.prefix}:acks:{generation}")
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def heartbeat(self, worker: str) -> None:
+        self._call(self.client.hset, f"{self.prefix}:workers", worker, str(time.time()))
+
+    def live_workers(self) -> list[str]:
+        now = time.time()
+        raw = self._call(self.client.hgetall, f"{self.prefix}:workers")
+        live, dead = [], []
+        for k, v in raw.items():
+            (live if now - float(v) <= HEARTBEAT_TTL else dead).append(k.decode())
+        if dead:
+            with contextlib.suppress(redis.RedisError):
+                self.client.hdel(f"{self.prefix}:workers", *dead)
+        return sorted(live)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class FileReloadBus(ReloadBus):
+    """The same protocol in a local directory, for a service without Redis."""
+
+    kind = "local"
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CoordinationError(f"reload directory {self.dir}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, timeout: float = 30.0) -> Iterator[None]:
+        deadline = time.monotonic() + timeout
+        with open(self.dir / name, "a") as fh:
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise CoordinationError(f"lock {self.dir / name} held for more than {timeout}s") from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
+        return self._flock("reload.lock", timeout)
+
+    def _read_log(self) -> dict[str, Any]:
+        try:
+            data = json.loads((self.dir / "orders.json").read_text())
+            return data if isinstance(data, dict) else {"generation": 0, "orders": []}
+        except (FileNotFoundError, ValueError):
+            return {"generation": 0, "orders": []}
+
+    def _write_json(self, name: str, data: Any) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, self.dir / name)
+
+    def announce(self, model: str, version: str, selector: str, issued_by: str) -> ReloadOrder:
+        with self._flock("orders.lock"):
+            data = self._read_log()
+            order = ReloadOrder(int(data["generation"]) + 1, model, version, selector, issued_by, time.time())
+            data["generation"] = order.generation
+            data["orders"] = (data.get("orders", []) + [json.loads(order.to_json())])[-LOG_LENGTH:]
+            self._write_json("orders.json", data)
+        return order
+
+    def generation(self) -> int:
+        return int(self._read_log().get("generation", 0))
+
+    def orders_after(self, generation: int) -> list[ReloadOrder]:
+        out = []
+        for raw in self._read_log().get("orders", []):
+            order = ReloadOrder.from_json(json.dumps(raw))
+            if order.generation > generation:
+                out.append(order)
+        return out
+
+    def ack(self, generation: int, worker: str, result: dict[str, Any]) -> None:
+        safe = worker.replace("/", "_").replace(":", "_")
+        self._write_json(f"ack-{generation}-{safe}.json", {"worker": worker, **result})
+
+    def acks(self, generation: int) -> dict[str, dict[str, Any]]:
+        out = {}
+        for path in self.dir.glob(f"ack-{generation}-*.json"):
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                data = json.loads(path.read_text())
+                out[data.pop("worker")] = data
+        return out
+
+    def heartbeat(self, worker: str) -> None:
+        safe = worker.replace("/", "_").replace(":", "_")
+        self._write_json(f"worker-{safe}.json", {"worker": worker, "at": time.time()})
+
+    def live_workers(self) -> list[str]:
+        now = time.time()
+        live = []
+        for path in self.dir.glob("worker-*.json"):
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                data = json.loads(path.read_text())
+                if now - float(data["at"]) <= HEARTBEAT_TTL:
+                    live.append(data["worker"])
+                else:
+                    path.unlink(missing_ok=True)
+        return sorted(live)

@@ -1,0 +1,230 @@
+"""Model artifacts on local disk: fetched once from storage or MLflow, verified, then cached.
+
+A cached version loads again with MLflow and S3 down, so a service restarts on what it served.
+Cache layout, one entry per name, version and digest:
+
+    <artifact_cache>/<name>/<version>/<sha256 or "unverified">/artifact/   the files as stored
+    <artifact_cache>/<name>/<version>/<sha256 or "unverified">/.complete   written last
+    <artifact_cache>/<name>/<version>/.<sha256 or "unverified">.lock       one fetcher at a time
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional, Union
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+from registry.digest import tree_sha256
+from registry.errors import ArtifactError
+from registry.record import ModelRecord
+from registry.settings import RegistrySettings
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_DIR = "artifact"
+COMPLETE_MARKER = ".complete"
+UNVERIFIED = "unverified"
+HUGGINGFACE_SOURCE = "huggingface"
+
+#: Written by MLflow beside a model it downloads through a `models:/` URI; it is not part of the
+#: stored artifact (mlflow/store/artifact/models_artifact_repo.py), so it must not enter the digest.
+_REGISTERED_MODEL_META = "registered_model_meta"
+
+# Names become directory names in the cache: no separators, no `.`/`..`.
+_SAFE_NAME_RE = re.compile(r"^(?!\.{1,2}$)[\w.\-]+$")
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith("file:") or not _SCHEME_RE.match(uri)
+
+
+def _local_path(uri: str) -> str:
+    """A local path or `file:` URI as a normal absolute path, so `..` cannot step out of an allowed prefix."""
+    if uri.startswith("file:"):
+        uri = url2pathname(urlparse(uri).path)
+    return os.path.normpath(os.path.abspath(uri))
+
+
+def _under(uri: str, prefix: str) -> bool:
+    """Whether `uri` lies under `prefix`; local paths compare whole path components."""
+    if _is_local(uri) and _is_local(prefix):
+        path, root = _local_path(uri), _local_path(prefix)
+        return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+    return uri.startswith(prefix)
+
+
+class ArtifactStore:
+    """Fetches a record's artifact into the local cache, verifies its digest, and hands out the directory."""
+
+    def __init__(self, settings: RegistrySettings):
+        self.settings = settings
+        self.root = Path(settings.artifact_cache)
+
+    def fetch(self, record: ModelRecord) -> Union[Path, str]:
+        """A local directory holding the record's artifact.
+
+        Args:
+            record: the resolved version.
+
+        Returns:
+            The artifact directory; for a Hugging Face fallback that names a hub id rather than a
+            local directory, the hub id itself (`from_pretrained` resolves it through its own cache).
+
+        Raises:
+            ArtifactError: refused by the allow-list, not downloadable, or a digest mismatch.
+        """
+        self.check_allowed(record)
+        if record.source == HUGGINGFACE_SOURCE:
+            return self._fallback_location(record)
+        if not _SAFE_NAME_RE.match(record.name):
+            raise ArtifactError(record.location, f"model name {record.name!r} cannot name a cache directory")
+        key = record.sha256 or UNVERIFIED
+        version_dir = self.root / record.name / record.version
+        entry = version_dir / key
+        try:
+            version_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArtifactError(record.location, f"cannot create artifact cache {version_dir}: {exc}") from exc
+        with self._locked(version_dir / f".{key}.lock", record):
+            cached = self._cached(record, entry)
+            if cached is not None:
+                return cached
+            return self._download(record, entry)
+
+    def check_allowed(self, record: ModelRecord) -> None:
+        """Refuse a record that names a location outside `settings.allowed_uris` (empty = any)."""
+        prefixes = self.settings.allowed_uris
+        if not prefixes:
+            return
+        if record.source == HUGGINGFACE_SOURCE:
+            if Path(record.model_uri).is_dir():
+                # Fallback directories are configured by the operator, not read from registry data.
+                configured = (v for v in self.settings.fallback_models.values() if Path(v).is_dir())
+                if any(_local_path(v) == _local_path(record.model_uri) for v in configured):
+                    return
+            elif any(record.model_uri.startswith(prefix) for prefix in prefixes):
+                return  # a hub id is a name, not a path: compared as written
+            uris = [record.model_uri]
+        else:
+            # Every location the record names must be allowed: either one may be downloaded from.
+            uris = [u for u in (record.artifact_uri, record.model_uri) if u]
+        for uri in uris:
+            if not any(_under(uri, prefix) for prefix in prefixes):
+                raise ArtifactError(uri, f"not under an allowed prefix (REGISTRY_ALLOWED_URIS: {', '.join(prefixes)})")
+
+    @staticmethod
+    def _fallback_location(record: ModelRecord) -> Union[Path, str]:
+        local = Path(record.model_uri)
+        if local.is_dir():
+            logger.info("[FALLBACK] %s uses the local directory %s", record.name, local)
+            return local
+        if local.exists() or record.model_uri.startswith((".", "/")):
+            raise ArtifactError(record.model_uri, "fallback location is neither a directory nor a hub id")
+        logger.info("[FALLBACK] %s uses the hub id %s", record.name, record.model_uri)
+        return record.model_uri
+
+    @contextlib.contextmanager
+    def _locked(self, lock_path: Path, record: ModelRecord) -> Iterator[None]:
+        try:
+            fh = open(lock_path, "a+")
+        except OSError as exc:
+            raise ArtifactError(record.location, f"cannot open lock file {lock_path}: {exc}") from exc
+        with fh:
+            # Blocks while another process or worker fetches the same entry; it finds the cache filled.
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _cached(self, record: ModelRecord, entry: Path) -> Optional[Path]:
+        artifact = entry / ARTIFACT_DIR
+        if not (entry / COMPLETE_MARKER).is_file() or not artifact.is_dir():
+            if entry.exists():
+                logger.warning("[HYBRID] removing incomplete cache entry %s", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+            return None
+        if record.sha256:
+            try:
+                actual = tree_sha256(artifact)
+            except (OSError, ValueError) as exc:
+                actual = f"unreadable ({exc})"
+            if actual != record.sha256:
+                logger.warning("[HYBRID] cached %s v%s fails its digest (got %s); fetching again", record.name, record.version, actual)
+                shutil.rmtree(entry, ignore_errors=True)
+                return None
+        logger.info("[HYBRID] %s v%s from the artifact cache %s", record.name, record.version, artifact)
+        return artifact
+
+    def _download(self, record: ModelRecord, entry: Path) -> Path:
+        # Build the whole entry in a temporary sibling, then rename it into place in one step: a
+        # reader sees either no entry or a complete one, and a failure leaves nothing behind.
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+        except OSError as exc:
+            raise ArtifactError(record.location, f"cannot write to the artifact cache {entry.parent}: {exc}") from exc
+        try:
+            downloaded = self._download_into(record, staging / "download")
+            self._verify(record, downloaded)
+            os.replace(downloaded, staging / ARTIFACT_DIR)
+            shutil.rmtree(staging / "download", ignore_errors=True)
+            (staging / COMPLETE_MARKER).write_text(record.sha256 or UNVERIFIED)
+            os.replace(staging, entry)
+        except OSError as exc:
+            raise ArtifactError(record.location, f"cannot store the artifact in {entry}: {exc}") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return entry / ARTIFACT_DIR
+
+    def _download_into(self, record: ModelRecord, dst: Path) -> Path:
+        """Try the direct storage location first (no tracking server needed), then the registry URI."""
+        import mlflow
+
+        failures = []
+        if record.artifact_uri:
+            try:
+                (dst / "direct").mkdir(parents=True)
+                local = mlflow.artifacts.download_artifacts(artifact_uri=record.artifact_uri, dst_path=str(dst / "direct"))
+                logger.info("[MLFLOW] downloaded %s v%s from %s", record.name, record.version, record.artifact_uri)
+                return Path(local)
+            except Exception as exc:  # MLflow, boto and OS errors all mean: this location failed
+                logger.warning("[MLFLOW] download of %s from %s failed: %s", record.name, record.artifact_uri, exc)
+                failures.append((record.artifact_uri, exc))
+        if record.model_uri != record.artifact_uri:
+            tracking_uri = self.settings.mlflow_tracking_uri
+            try:
+                (dst / "registry").mkdir(parents=True)
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=record.model_uri, dst_path=str(dst / "registry"), tracking_uri=tracking_uri, registry_uri=tracking_uri
+                    )
+                )
+                (local / _REGISTERED_MODEL_META).unlink(missing_ok=True)
+                logger.info("[MLFLOW] downloaded %s v%s from %s", record.name, record.version, record.model_uri)
+                return local
+            except Exception as exc:  # as above
+                logger.warning("[MLFLOW] download of %s from %s failed: %s", record.name, record.model_uri, exc)
+                failures.append((record.model_uri, exc))
+        reasons = "; ".join(f"{uri}: {type(exc).__name__}: {exc}" for uri, exc in failures)
+        raise ArtifactError(record.location, f"download failed ({reasons})") from failures[-1][1]
+
+    @staticmethod
+    def _verify(record: ModelRecord, local: Path) -> None:
+        if not record.sha256:
+            logger.warning("[HYBRID] %s v%s has no recorded sha256: its artifact is not verified", record.name, record.version)
+            return
+        try:
+            actual = tree_sha256(local)
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(record.location, f"cannot digest the downloaded artifact: {exc}") from exc
+        if actual != record.sha256:
+            raise ArtifactError(record.location, f"sha256 mismatch: expected {record.sha256}, got {actual}")

@@ -1,0 +1,407 @@
+"""Loads one resolved model version and classifies texts with it.
+
+Four artifact forms, told apart by the `MLmodel` file's flavors (or its absence):
+
+- `mlflow-transformers`: `model/` (config + weights) and `components/tokenizer/`;
+- `mlflow-pytorch-pickle`: `data/model.pth` (a pickled module) and `extra_files/` (tokenizer, config.json);
+- `mlflow-pytorch-pt2`: `data/model.pt2` (a torch.export program `(input_ids, attention_mask) -> logits`)
+  and `extra_files/` (tokenizer, config.json with the labels);
+- `huggingface`: a `save_pretrained` directory (config.json, weights, tokenizer) or a hub id.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from registry.errors import ArtifactError
+from registry.record import ModelRecord
+from registry.settings import RegistrySettings
+from runners.artifacts import ArtifactStore
+
+logger = logging.getLogger(__name__)
+
+FORM_TRANSFORMERS = "mlflow-transformers"
+FORM_PICKLE = "mlflow-pytorch-pickle"
+FORM_PT2 = "mlflow-pytorch-pt2"
+FORM_HUGGINGFACE = "huggingface"
+
+#: Longest input handed to a model, whatever its tokenizer claims.
+MAX_LENGTH_CAP = 512
+
+_WARMUP_TEXTS = ["warm-up", "a second, somewhat longer text to warm up the model with"]
+_CLASSIFICATION_TASKS = ("text-classification", "sentiment-analysis")
+_SOURCE_TAGS = {"mlflow": "[MLFLOW]", "huggingface": "[FALLBACK]"}
+
+Encoded = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class _LoadedModel:
+    """What a loader builds: the tokenizer, the forward pass, and how inputs must be shaped."""
+
+    tokenizer: Any
+    forward: Callable[[Encoded], torch.Tensor]  # encoded inputs on the device -> logits
+    labels: tuple[str, ...]
+    max_length: int
+    pad_to_max_length: bool = False
+
+
+def _read_mlmodel(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load((path / "MLmodel").read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ArtifactError(str(path), f"unreadable MLmodel file: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("flavors"), dict):
+        raise ArtifactError(str(path), "MLmodel file has no flavors")
+    return data
+
+
+def detect_form(location: Union[Path, str]) -> str:
+    """Which of the supported artifact forms a fetched location holds."""
+    if isinstance(location, str):
+        return FORM_HUGGINGFACE  # a hub id
+    if (location / "MLmodel").is_file():
+        flavors = _read_mlmodel(location)["flavors"]
+        if "transformers" in flavors:
+            return FORM_TRANSFORMERS
+        if "pytorch" in flavors:
+            data = location / str(flavors["pytorch"].get("model_data", "data"))
+            if (data / "model.pt2").is_file():
+                return FORM_PT2
+            if (data / "model.pth").is_file():
+                return FORM_PICKLE
+            raise ArtifactError(str(location), f"pytorch flavor without {data.name}/model.pt2 or {data.name}/model.pth")
+        raise ArtifactError(str(location), f"no supported MLflow flavor (found {', '.join(sorted(flavors))}; need transformers or pytorch)")
+    if (location / "config.json").is_file():
+        return FORM_HUGGINGFACE
+    raise ArtifactError(str(location), "neither an MLflow model (no MLmodel file) nor a Hugging Face directory (no config.json)")
+
+
+def _labels(id2label: Mapping[Any, str], where: str) -> tuple[str, ...]:
+    try:
+        by_index = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(where, f"id2label keys must be integers: {exc}") from exc
+    if not by_index or sorted(by_index) != list(range(len(by_index))):
+        raise ArtifactError(where, f"id2label must number labels 0..n-1, got {sorted(by_index)}")
+    return tuple(by_index[i] for i in range(len(by_index)))
+
+
+def _max_length(tokenizer: Any) -> int:
+    # Tokenizers without a limit report a huge sentinel (int(1e30)).
+    return min(int(getattr(tokenizer, "model_max_length", MAX_LENGTH_CAP) or MAX_LENGTH_CAP), MAX_LENGTH_CAP)
+
+
+def _logits(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    return output[0]
+
+
+def _extra_files_dir(path: Path, flavor: Mapping[str, Any]) -> Path:
+    """The folder of the tokenizer files and config.json logged with `extra_files`."""
+    entries = flavor.get("extra_files") or []
+    folders = {Path(e["path"]).parent for e in entries if isinstance(e, Mapping) and "path" in e}
+    if len(folders) != 1:
+        raise ArtifactError(str(path), "pytorch flavor must carry its tokenizer and config.json as extra_files in one folder")
+    folder = path / folders.pop()
+    if not (folder / "config.json").is_file():
+        raise ArtifactError(str(path), f"extra files in {folder.name}/ hold no config.json (needed for the labels)")
+    return folder
+
+
+def _sequence_classifier(source: Union[Path, str], device: torch.device) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    model, info = AutoModelForSequenceClassification.from_pretrained(source, output_loading_info=True)
+    # A checkpoint without a classification head loads "successfully" with a random one.
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ArtifactError(str(source), f"not a trained sequence classifier: weights missing for {', '.join(missing)}")
+    return model.to(device).eval()
+
+
+def _pt2_input_shape(program: Any, where: str) -> tuple[Optional[int], Optional[int], Optional[int]]:
+    """(static batch size, static sequence length, largest sequence length) of an exported program.
+
+    MLflow exports `-1` signature dims with `Dim.AUTO`: they stay dynamic unless the model forced
+    them static, and the sequence dim gets the model's position limit as its upper bound.
+    """
+    import sympy
+
+    user_inputs = list(program.graph_signature.user_inputs)
+    if len(user_inputs) != 2:
+        raise ArtifactError(where, f"pt2 program must take (input_ids, attention_mask), it takes {user_inputs}")
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0])
+    shape = node.meta["val"].shape
+    if len(shape) != 2:
+        raise ArtifactError(where, f"pt2 program expects 2-d input_ids, got {len(shape)} dims")
+
+    def static_and_upper(dim: Any) -> tuple[Optional[int], Optional[int]]:
+        if isinstance(dim, int):
+            return dim, dim
+        bounds = program.range_constraints.get(dim.node.expr)
+        upper = None if bounds is None else bounds.upper
+        return None, int(upper) if isinstance(upper, sympy.Integer) else None
+
+    batch, _ = static_and_upper(shape[0])
+    seq, seq_upper = static_and_upper(shape[1])
+    return batch, seq, seq_upper
+
+
+def _static_batch_forward(module: Any, batch: int) -> Callable[[Encoded], torch.Tensor]:
+    """Runs a program exported with a fixed batch size on any number of rows, padding the last chunk."""
+
+    def forward(encoded: Encoded) -> torch.Tensor:
+        ids, mask = encoded["input_ids"], encoded["attention_mask"]
+        out = []
+        for start in range(0, ids.shape[0], batch):
+            chunk_ids, chunk_mask = ids[start : start + batch], mask[start : start + batch]
+            rows = chunk_ids.shape[0]
+            if rows < batch:
+                chunk_ids = torch.cat([chunk_ids, chunk_ids[:1].expand(batch - rows, -1)])
+                chunk_mask = torch.cat([chunk_mask, chunk_mask[:1].expand(batch - rows, -1)])
+            out.append(_logits(module(chunk_ids, chunk_mask))[:rows])
+        return torch.cat(out)
+
+    return forward
+
+
+def _check_pt2_pickle_free(model_file: Path) -> None:
+    # torch.export.load unpickles weights and constants with weights_only=False, so an archive
+    # whose digest is unknown is only loaded when every record passes MLflow's pickle-free check.
+    from mlflow.exceptions import MlflowException
+
+    try:
+        from mlflow.pytorch import _validate_pt2_archive_is_pickle_free as validate
+    except ImportError as exc:
+        raise ArtifactError(str(model_file), "pt2 archive with no sha256, and this MLflow cannot check it for pickled records") from exc
+    try:
+        validate(str(model_file))
+    except MlflowException as exc:
+        raise ArtifactError(str(model_file), f"pt2 archive with no sha256 holds pickled records: {exc.message}") from exc
+
+
+class TextClassificationRunner:
+    """One model version in memory: load it once, then classify batches of texts."""
+
+    def __init__(
+        self,
+        record: ModelRecord,
+        settings: RegistrySettings,
+        *,
+        device: Union[str, torch.device, None] = None,
+        store: Optional[ArtifactStore] = None,
+    ):
+        self.record = record
+        self.settings = settings
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.store = store or ArtifactStore(settings)
+        self.form: Optional[str] = None
+        self.ready = False
+        self.loaded_at: Optional[str] = None
+        self.load_seconds: Optional[float] = None
+        self._model: Optional[_LoadedModel] = None
+
+    @property
+    def _tag(self) -> str:
+        return _SOURCE_TAGS.get(self.record.source, "[HYBRID]")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Label names in id2label order."""
+        return self._require().labels
+
+    def load(self) -> None:
+        """Fetch, build, move to the device and warm up; `ready` only once all of that worked.
+
+        Raises:
+            ArtifactError: the artifact could not be fetched, verified, loaded or run.
+        """
+        if self.ready:
+            return
+        start = time.perf_counter()
+        location = self.store.fetch(self.record)
+        form = detect_form(location)
+        loaders = {
+            FORM_TRANSFORMERS: self._load_mlflow_transformers,
+            FORM_PICKLE: self._load_pytorch_pickle,
+            FORM_PT2: self._load_pytorch_pt2,
+            FORM_HUGGINGFACE: self._load_huggingface,
+        }
+        try:
+            model = loaders[form](location)
+        except ArtifactError:
+            raise
+        except Exception as exc:  # transformers, torch and OS errors: the artifact did not load
+            raise ArtifactError(str(location), f"loading as {form} failed: {type(exc).__name__}: {exc}") from exc
+        self.form, self._model = form, model
+        try:
+            self._warm_up(model)
+        except Exception as exc:  # whatever breaks the first forward pass breaks serving
+            self.close()
+            self.form = None
+            raise ArtifactError(str(location), f"warm-up prediction as {form} failed: {type(exc).__name__}: {exc}") from exc
+        self.load_seconds = round(time.perf_counter() - start, 3)
+        self.loaded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.ready = True
+        logger.info(
+            "%s loaded %s v%s (%s, %s) on %s in %.2fs", self._tag, self.record.name, self.record.version, form, self.record.source or "?",
+            self.device, self.load_seconds,
+        )
+
+    def tokenize(self, texts: Sequence[str]) -> Encoded:
+        """Encode texts as one padded batch of tensors (on the CPU); needs no model lock."""
+        model = self._require()
+        return model.tokenizer(
+            list(texts),
+            padding="max_length" if model.pad_to_max_length else True,
+            truncation=True,
+            max_length=model.max_length,
+            return_tensors="pt",
+        )
+
+    def predict_encoded(self, encoded: Encoded) -> list[dict[str, Any]]:
+        """Run the forward pass over one encoded batch; `{"label", "score"}` per row."""
+        model = self._require()
+        inputs = {key: value.to(self.device) for key, value in encoded.items()}
+        with torch.inference_mode():
+            logits = model.forward(inputs)
+            scores, indices = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+        return [{"label": model.labels[i], "score": s} for i, s in zip(indices.tolist(), scores.tolist())]
+
+    def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+        """Classify texts in chunks of `settings.max_batch_size`; one `{"label", "score"}` per text."""
+        step = self.settings.max_batch_size
+        results: list[dict[str, Any]] = []
+        for start in range(0, len(texts), step):
+            results.extend(self.predict_encoded(self.tokenize(texts[start : start + step])))
+        return results
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.record.name,
+            "version": self.record.version,
+            "source": self.record.source,
+            "uri": self.record.location,
+            "form": self.form,
+            "device": str(self.device),
+            "loaded_at": self.loaded_at,
+            "load_seconds": self.load_seconds,
+            "sha256": self.record.sha256,
+            "labels": list(self._model.labels) if self._model else [],
+            "ready": self.ready,
+        }
+
+    def close(self) -> None:
+        """Drop the model so a swapped-out version gives its memory back."""
+        self.ready = False
+        self._model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _warm_up(self, model: _LoadedModel) -> None:
+        """One forward pass before serving; also proves the logits match the labels."""
+        encoded = self.tokenize(_WARMUP_TEXTS)
+        with torch.inference_mode():
+            logits = model.forward({key: value.to(self.device) for key, value in encoded.items()})
+        expected = (len(_WARMUP_TEXTS), len(model.labels))
+        if tuple(logits.shape) != expected:
+            raise ValueError(f"logits of shape {tuple(logits.shape)} for {expected[0]} texts and {expected[1]} labels")
+
+    def _require(self) -> _LoadedModel:
+        if self._model is None:
+            raise RuntimeError(f"model {self.record.name} v{self.record.version} is not loaded: call load() first")
+        return self._model
+
+    # One loader per form; each returns the built model or raises.
+
+    def _load_mlflow_transformers(self, path: Path) -> _LoadedModel:
+        from transformers import AutoTokenizer
+
+        flavor = _read_mlmodel(path)["flavors"]["transformers"]
+        task = flavor.get("task")
+        if task not in _CLASSIFICATION_TASKS:
+            raise ArtifactError(str(path), f"transformers flavor for task {task!r}, not text-classification")
+        model_dir = path / str(flavor.get("model_binary", "model"))
+        if not model_dir.is_dir():
+            raise ArtifactError(str(path), f"transformers flavor without saved weights ({model_dir.name}/ missing; logged with save_pretrained=False?)")
+        if "tokenizer" not in (flavor.get("components") or []):
+            raise ArtifactError(str(path), "transformers flavor saved without its tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(path / "components" / "tokenizer")
+        model = _sequence_classifier(model_dir, self.device)
+        return self._transformers_model(tokenizer, model, _labels(model.config.id2label, str(path)))
+
+    def _load_pytorch_pickle(self, path: Path) -> _LoadedModel:
+        from transformers import AutoTokenizer
+
+        if not (self.record.sha256 or self.settings.allow_pickle):
+            raise ArtifactError(
+                self.record.location,
+                "pickle-format artifact runs code when loaded, and the record has no sha256 to verify it against "
+                "(publish it with a digest, or set REGISTRY_ALLOW_PICKLE=true to trust it)",
+            )
+        flavor = _read_mlmodel(path)["flavors"]["pytorch"]
+        extra = _extra_files_dir(path, flavor)
+        model_file = path / str(flavor.get("model_data", "data")) / "model.pth"
+        module = torch.load(model_file, map_location=self.device, weights_only=False)
+        if not isinstance(module, torch.nn.Module):
+            raise ArtifactError(str(path), f"model.pth holds a {type(module).__name__}, not a torch module")
+        config = getattr(module, "config", None)
+        id2label = config.id2label if config is not None else json.loads((extra / "config.json").read_text()).get("id2label") or {}
+        tokenizer = AutoTokenizer.from_pretrained(extra)
+        return self._transformers_model(tokenizer, module.to(self.device).eval(), _labels(id2label, str(path)))
+
+    def _load_pytorch_pt2(self, path: Path) -> _LoadedModel:
+        from torch.export.passes import move_to_device_pass
+        from transformers import AutoTokenizer
+
+        flavor = _read_mlmodel(path)["flavors"]["pytorch"]
+        extra = _extra_files_dir(path, flavor)
+        model_file = path / str(flavor.get("model_data", "data")) / "model.pt2"
+        if not (self.record.sha256 or self.settings.allow_pickle):
+            _check_pt2_pickle_free(model_file)
+        program = torch.export.load(str(model_file))
+        if self.device.type != "cpu":
+            program = move_to_device_pass(program, self.device)
+        batch, seq, seq_upper = _pt2_input_shape(program, str(path))
+        # An exported program is already in eval mode; its module() refuses .eval().
+        module = program.module()
+        tokenizer = AutoTokenizer.from_pretrained(extra)
+        labels = _labels(json.loads((extra / "config.json").read_text()).get("id2label") or {}, str(path))
+        if seq is not None:
+            max_length, pad_to_max = seq, True  # a static sequence dim takes exactly that length
+        else:
+            max_length, pad_to_max = min(_max_length(tokenizer), seq_upper or MAX_LENGTH_CAP), False
+        logger.info("%s pt2 program for %s: batch %s, sequence %s", self._tag, self.record.name, batch or "dynamic", seq or f"dynamic <= {max_length}")
+        if batch is None:
+            forward: Callable[[Encoded], torch.Tensor] = lambda enc: _logits(module(enc["input_ids"], enc["attention_mask"]))
+        else:
+            forward = _static_batch_forward(module, batch)
+        return _LoadedModel(tokenizer, forward, labels, max_length, pad_to_max)
+
+    def _load_huggingface(self, location: Union[Path, str]) -> _LoadedModel:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = _sequence_classifier(location, self.device)
+        return self._transformers_model(tokenizer, model, _labels(model.config.id2label, str(location)))
+
+    @staticmethod
+    def _transformers_model(tokenizer: Any, model: Any, labels: tuple[str, ...]) -> _LoadedModel:
+        return _LoadedModel(tokenizer, lambda enc: _logits(model(**enc)), labels, _max_length(tokenizer))
+
