@@ -83,6 +83,10 @@ class SecurityClassifier:
 
     def __init__(self) -> None:
         self.settings = RegistrySettings.from_env()
+        # BentoML's handlers pass WARNING and up from other loggers; our INFO lines (the final
+        # choice of each resolution, swaps, reloads) are part of the product.
+        for name in ("service", "registry", "runners"):
+            logging.getLogger(name).setLevel(self.settings.log_level)
         import torch
 
         torch.set_num_threads(self.settings.torch_threads)
@@ -104,6 +108,9 @@ class SecurityClassifier:
         self.manager.load_until_ready(self._stop)
         if self.manager.ready():
             logger.info("[HYBRID] worker %s ready in %.2fs", self.worker, time.perf_counter() - start)
+        # Revalidate models served from stale memory until the registry answers again.
+        while not self._stop.wait(self.settings.retry_interval):
+            self.manager.refresh_stale()
 
     def _bus_generation(self) -> int:
         try:
@@ -220,7 +227,9 @@ class SecurityClassifier:
         body = {
             "status": "ok" if self.manager.ready() else "not_ready",
             "worker": self.worker,
-            "serving": {name: s.identity() for name, s in self.manager.served().items()},
+            "serving": {name: {**s.identity(), "registry": s.resolution.freshness(time.time()), "pending_version": s.pending_version}
+                        for name, s in self.manager.served().items()},
+            "last_known": self.resolver.last_known(),
             "layers": layers,
             "reload_bus": bus,
             "signed": self.settings.signing_key is not None,

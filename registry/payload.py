@@ -64,6 +64,23 @@ class ModelSection:
             return None
         return next((r for r in reversed(self.versions) if selector.value in r.aliases), None)
 
+    def merged_with(self, older: Optional["ModelSection"]) -> "ModelSection":
+        """This (newer) section over an older one: no version is lost when two writers race.
+
+        Versions are united (the newer entry wins for a version both hold); `latest` is the
+        highest; `best` is the newer section's, else the older one's.
+        """
+        if older is None:
+            return self
+        by_version = {r.version: r for r in older.all_records()}
+        by_version.update({r.version: r for r in self.versions})
+        for extra in (self.latest, self.best):
+            if extra is not None:
+                by_version.setdefault(extra.version, extra)
+        ordered = tuple(sorted(by_version.values(), key=lambda r: r.version_number))
+        return ModelSection(name=self.name, latest=ordered[-1] if ordered else None,
+                            best=self.best or older.best, versions=ordered)
+
     def entries(self) -> dict[str, Any]:
         return {
             "latest": self.latest.to_entry() if self.latest else None,
@@ -110,6 +127,20 @@ class RegistryPayload:
         ts = self.raw.get("timestamp")
         return ts if isinstance(ts, str) else None
 
+    @property
+    def written_at(self) -> Optional[float]:
+        """The timestamp as epoch seconds (naive timestamps, as the seed wrote them, are taken as UTC)."""
+        ts = self.timestamp
+        if not ts:
+            return None
+        try:
+            parsed = datetime.fromisoformat(ts)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return parsed.timestamp()
+
     def model_names(self) -> list[str]:
         names: set[str] = set()
         for key in SECTIONS:
@@ -133,6 +164,14 @@ class RegistryPayload:
         )
         return ModelSection(name=name, latest=latest, best=best, versions=versions)
 
+    def merge_section(self, section: ModelSection) -> "RegistryPayload":
+        """A copy with the section merged over what this payload holds for the model (see `merged_with`)."""
+        try:
+            older = self.section(section.name, source=section.latest.source if section.latest else "")
+        except PayloadError:
+            older = None  # a broken entry for this model is replaced, not merged
+        return self.with_section(section.merged_with(older))
+
     def with_section(self, section: ModelSection) -> "RegistryPayload":
         """A copy with one model's section replaced (the others kept as they are)."""
         data = {key: dict(self.raw.get(key) or {}) for key in SECTIONS}
@@ -145,6 +184,3 @@ class RegistryPayload:
         data["versions"][section.name] = entries["versions"]
         data["timestamp"] = utc_now()
         return RegistryPayload(data, self.where)
-
-    def to_json(self) -> str:
-        return json.dumps(self.raw, sort_keys=True, separators=(",", ":"))

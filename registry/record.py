@@ -180,11 +180,16 @@ class ModelRecord:
 
 @dataclass(frozen=True)
 class Resolution:
-    """The answer of the chain: the record and how each asked layer answered."""
+    """The answer of the chain: the record, how each asked layer answered, and how fresh it is."""
 
     record: ModelRecord
     trail: tuple[LayerAttempt, ...]
     selector: Selector
+    fetched_at: float = 0.0  # epoch seconds when a layer last vouched for this record
+    stale: bool = False  # served from memory because the registry layers could not be asked
 
     def trail_dicts(self) -> list[dict[str, Any]]:
         return [a.to_dict() for a in self.trail]
+
+    def freshness(self, now: float) -> dict[str, Any]:
+        return {"stale": self.stale, "age_s": round(max(0.0, now - self.fetched_at), 1) if self.fetched_at else None}

@@ -61,6 +61,12 @@ class RegistrySettings(BaseSettings):
     mlflow_retries: int = Field(1, ge=0)
     """Retries of one MLflow REST request (sets MLFLOW_HTTP_REQUEST_MAX_RETRIES); the chain is the fallback."""
 
+    breaker_failures: int = Field(3, ge=1)
+    """Failures in a row after which a layer is not asked until `breaker_reset` seconds pass."""
+
+    breaker_reset: float = Field(30.0, gt=0)
+    """Seconds a tripped layer is left alone before one call probes it again."""
+
     backup_path: Path = Path("data/model_registry.json")
     """JSON file backup of the registry payload."""
 
@@ -108,6 +114,9 @@ class RegistrySettings(BaseSettings):
 
     retry_interval: float = Field(10.0, gt=0)
     """Seconds between start-up resolution attempts while a model cannot be loaded."""
+
+    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    """Level of the service's own loggers (registry, runners, service)."""
 
     @field_validator("redis_url", "training_api_url", "mlflow_tracking_uri", "admin_token", "signing_key", "reload_dir", mode="before")
     @classmethod

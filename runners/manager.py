@@ -32,6 +32,7 @@ class ServedModel:
     resolution: Resolution
     batcher: MicroBatcher
     loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    pending_version: Optional[str] = None  # what the registry says now, when it differs (reload to switch)
 
     @property
     def record(self):
@@ -49,6 +50,8 @@ class ServedModel:
             "loaded_at": self.loaded_at,
             "runner": self.runner.describe(),
             "record": self.record.to_dict(),
+            "registry": self.resolution.freshness(time.time()),
+            "pending_version": self.pending_version,
             "trail": self.resolution.trail_dicts(),
             "batches": self.batcher.batches,
             "texts": self.batcher.texts,
@@ -168,6 +171,29 @@ class ModelManager:
                 return
             logger.warning("[HYBRID] not ready: %s; retrying in %.0fs", self.not_ready_reason(), self.settings.retry_interval)
             stop.wait(self.settings.retry_interval)
+
+    def refresh_stale(self) -> None:
+        """Ask the registry again for models served from stale memory; versions change only on reload."""
+        for name, served in list(self._served.items()):
+            if not served.resolution.stale:
+                continue
+            try:
+                fresh = self.resolver.resolve(name, served.resolution.selector)
+            except ModelNotResolvable:
+                continue
+            if fresh.stale:
+                continue
+            current = self._served.get(name)
+            if current is not served:
+                continue  # a reload swapped meanwhile
+            pending = None if fresh.record.version == served.record.version else fresh.record.version
+            if pending:
+                logger.warning("[HYBRID] registry reachable again: %s@%s is now version %s (serving %s); POST /reload to switch",
+                               name, fresh.selector, pending, served.record.version)
+                self._served[name] = ServedModel(served.runner, served.resolution, served.batcher, served.loaded_at, pending)
+            else:
+                logger.info("[HYBRID] registry reachable again: %s version %s confirmed", name, served.record.version)
+                self._served[name] = ServedModel(served.runner, fresh, served.batcher, served.loaded_at)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

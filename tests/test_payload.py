@@ -8,6 +8,7 @@ from registry.errors import PayloadError, SelectorError, SettingsError
 from registry.payload import ModelSection, RegistryPayload
 from registry.record import ModelRecord, Selector
 from registry.settings import RegistrySettings
+from registry.signing import PayloadCodec, SignatureError
 
 
 def rec(version: str, *aliases: str) -> ModelRecord:
@@ -41,7 +42,7 @@ def test_section_selects():
 def test_payload_round_trip_keeps_seed_keys_and_other_models():
     payload = RegistryPayload.empty().with_section(ModelSection.from_records("a", [rec("1")]))
     payload = payload.with_section(ModelSection.from_records("m", [rec("1"), rec("2", "best")]))
-    parsed = RegistryPayload.parse(payload.to_json(), "t")
+    parsed = RegistryPayload.parse(PayloadCodec().encode(payload), "t")
     assert set(parsed.raw) == {"latest_models", "best_models", "versions", "timestamp"}
     assert parsed.model_names() == ["a", "m"]
     m = parsed.section("m", source="redis")
@@ -76,3 +77,28 @@ def test_settings_name_the_bad_variable(monkeypatch):
     monkeypatch.setenv("REGISTRY_FALLBACK_MODELS", "{broken")
     with pytest.raises(SettingsError, match="REGISTRY_FALLBACK_MODELS"):
         RegistrySettings.from_env()
+
+
+def test_signed_payloads_verify_and_refuse_tampering():
+    payload = RegistryPayload.empty().with_section(ModelSection.from_records("m", [rec("1"), rec("2", "best")]))
+    signer = PayloadCodec("k1")
+    text = signer.encode(payload)
+    assert '"signature":"hmac-sha256:' in text
+    assert signer.decode(text, "t").section("m", source="t").best.version == "2"
+    assert PayloadCodec().decode(text, "t").section("m", source="t").latest.version == "2", "unsigned readers still read"
+    with pytest.raises(SignatureError, match="another key"):
+        PayloadCodec("k2").decode(text, "t")
+    with pytest.raises(SignatureError, match="another key"):
+        signer.decode(text.replace('"version":"1"', '"version":"9"'), "t")
+    with pytest.raises(SignatureError, match="unsigned"):
+        signer.decode(PayloadCodec().encode(payload), "t")
+
+
+def test_merging_sections_never_loses_a_version():
+    older = ModelSection.from_records("m", [rec("1"), rec("2", "best")])
+    newer = ModelSection.from_records("m", [rec("1"), rec("3")])
+    merged = newer.merged_with(older)
+    assert [r.version for r in merged.versions] == ["1", "2", "3"]
+    assert merged.latest.version == "3" and merged.best.version == "2"
+    payload = RegistryPayload.empty().with_section(older).merge_section(newer)
+    assert [r.version for r in payload.section("m", source="t").versions] == ["1", "2", "3"]

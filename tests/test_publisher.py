@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import boto3
 import pytest
@@ -64,3 +66,32 @@ def test_publish_keeps_other_models_in_cache_and_file(mlflow_srv, redis_srv, tmp
     for raw in (redis.Redis(port=redis_srv.port).get(cache_key), settings.backup_path.read_bytes()):
         payload = json.loads(raw)
         assert {"publisher_a", "publisher_b"} <= set(payload["latest_models"])
+
+
+def test_publish_and_resolve_commands(mlflow_srv, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.servers import QUIET_ENV
+    from tests.tiny_models import tiny_classifier
+
+    model, tokenizer = tiny_classifier(seed=5)
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    env = {**os.environ, **QUIET_ENV, "MLFLOW_TRACKING_URI": mlflow_srv.url, "REGISTRY_BACKUP_PATH": str(tmp_path / "backup.json")}
+    repo = Path(__file__).resolve().parent.parent
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "training.cli", *args], env=env, cwd=repo, capture_output=True, text=True, timeout=180)
+
+    published = run("publish", "--name", "cli_model", "--model-dir", str(tmp_path / "hf"), "--metric", "f1=0.8", "--flavor", "pytorch-pickle")
+    assert published.returncode == 0, published.stderr
+    assert json.loads(published.stdout)["record"]["version"] == "1"
+    resolved = run("resolve", "--name", "cli_model", "--selector", "best")
+    assert resolved.returncode == 0, resolved.stderr
+    body = json.loads(resolved.stdout)
+    assert body["record"]["version"] == "1" and body["trail"][-1]["source"] == "mlflow"
+    bad = run("publish", "--name", "cli_model", "--model-dir", str(tmp_path / "hf"), "--metric", "f1=high")
+    assert bad.returncode == 2 and "not a number" in bad.stderr
+    missing = run("resolve", "--name", "nothing_here")
+    assert missing.returncode == 2 and "nothing_here" in missing.stderr

@@ -20,6 +20,7 @@ from starlette.routing import Route
 from registry.errors import PayloadError, SourceUnavailable
 from registry.payload import RegistryPayload
 from registry.settings import RegistrySettings
+from registry.signing import PayloadCodec
 from registry.sources.file_backup import FileBackupSource
 from registry.sources.mlflow_registry import MLflowRegistrySource
 from registry.sources.redis_cache import RedisCacheSource
@@ -34,6 +35,7 @@ class TrainingRegistry:
         self.cache = RedisCacheSource.from_settings(settings)
         self.mlflow = MLflowRegistrySource.from_settings(settings)
         self.backup = FileBackupSource.from_settings(settings)
+        self.codec = PayloadCodec.from_secret(settings.signing_key)
 
     def payload(self) -> tuple[Optional[RegistryPayload], str, list[str]]:
         """The payload, the layer that gave it, and why the layers above it did not."""
@@ -85,7 +87,7 @@ def create_app(settings: Optional[RegistrySettings] = None) -> Starlette:
         payload, source, problems = await run_in_threadpool(registry.payload)
         if payload is None:
             return JSONResponse({"error": "no registry data available", "layers": problems}, status_code=503)
-        return Response(payload.to_json(), media_type="application/json", headers={"X-Registry-Source": source})
+        return Response(registry.codec.encode(payload), media_type="application/json", headers={"X-Registry-Source": source})
 
     async def health(request: Request) -> Response:
         from starlette.concurrency import run_in_threadpool

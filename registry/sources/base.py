@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -18,6 +19,7 @@ class Answer:
 
     record: ModelRecord
     section: Optional[ModelSection] = None
+    as_of: Optional[float] = None  # when the layer's data was written (epoch seconds), if it says
 
 
 @dataclass
@@ -29,10 +31,12 @@ class LayerHealth:
     latency_ms: float
     detail: str = ""
     models: dict[str, Any] = field(default_factory=dict)
+    circuit: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
+            "circuit": self.circuit,
             "reachable": self.reachable,
             "latency_ms": round(self.latency_ms, 3),
             "detail": self.detail,
@@ -108,3 +112,54 @@ def payload_summary(payload: Optional[RegistryPayload], models: list[str], sourc
         except Exception as exc:  # a broken model entry is reported, not raised, by health
             out[name] = {"present": True, "error": str(exc)}
     return out
+
+
+class CircuitBreaker:
+    """Stop asking a layer that keeps failing: open after `failures` in a row, try again after `reset_s`.
+
+    closed -> (failures in a row) -> open -> (reset_s passed) -> half-open: one call is let through;
+    its success closes the breaker, its failure opens it again.
+    """
+
+    def __init__(self, failures: int = 3, reset_s: float = 30.0):
+        self.failures = failures
+        self.reset_s = reset_s
+        self._count = 0
+        self._opened_at: Optional[float] = None
+        self._probing = False
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            if time.monotonic() - self._opened_at < self.reset_s or self._probing:
+                return False
+            self._probing = True  # half-open: this caller is the probe
+            return True
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._count = 0
+            self._opened_at = None
+            self._probing = False
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._count += 1
+            self._probing = False
+            if self._count >= self.failures:
+                self._opened_at = time.monotonic()
+
+    def state(self) -> str:
+        with self._lock:
+            if self._opened_at is None:
+                return "closed"
+            return "half_open" if time.monotonic() - self._opened_at >= self.reset_s else "open"
+
+    def retry_in(self) -> float:
+        with self._lock:
+            return 0.0 if self._opened_at is None else max(0.0, self.reset_s - (time.monotonic() - self._opened_at))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state(), "consecutive_failures": self._count, "retry_in_s": round(self.retry_in(), 1)}

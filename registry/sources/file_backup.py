@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 from registry.errors import PayloadError, SourceUnavailable
 from registry.payload import ModelSection, RegistryPayload
 from registry.settings import RegistrySettings
+from registry.signing import PayloadCodec
 from registry.sources.base import LayerHealth, payload_summary
 from registry.sources.payload_source import PayloadSource
 
@@ -24,13 +25,13 @@ class FileBackupSource(PayloadSource):
     tag = "[FALLBACK]"
     custom_aliases = True  # the last registry layer answers pinned aliases from what it last saw
 
-    def __init__(self, path: Path):
-        super().__init__()
+    def __init__(self, path: Path, codec: Optional[PayloadCodec] = None):
+        super().__init__(codec)
         self.path = Path(path)
 
     @classmethod
     def from_settings(cls, settings: RegistrySettings) -> "FileBackupSource":
-        return cls(settings.backup_path)
+        return cls(settings.backup_path, PayloadCodec.from_secret(settings.signing_key))
 
     def load_payload(self) -> Optional[RegistryPayload]:
         try:
@@ -39,7 +40,7 @@ class FileBackupSource(PayloadSource):
             return None
         except OSError as exc:
             raise SourceUnavailable(self.source_id, f"cannot read {self.path}: {exc}") from exc
-        return RegistryPayload.parse(data, where=f"backup file {self.path}")
+        return self.codec.decode(data, where=f"backup file {self.path}")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -62,7 +63,7 @@ class FileBackupSource(PayloadSource):
                     aside = self._quarantine()
                     self.logger.warning("%s backup file %s was corrupt (%s); kept as %s", self.tag, self.path, exc, aside)
                     current = RegistryPayload.empty()
-                self._write(current.with_section(section))
+                self._write(current.merge_section(section))
         except OSError as exc:
             raise SourceUnavailable(self.source_id, f"cannot write {self.path}: {exc}") from exc
 
@@ -83,7 +84,7 @@ class FileBackupSource(PayloadSource):
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(payload.to_json())
+                fh.write(self.codec.encode(payload))
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)

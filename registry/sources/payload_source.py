@@ -7,6 +7,7 @@ from typing import Optional
 
 from registry.payload import RegistryPayload
 from registry.record import Selector
+from registry.signing import PayloadCodec
 from registry.sources.base import Answer, RegistrySource
 
 
@@ -15,6 +16,10 @@ class PayloadSource(RegistrySource):
 
     #: whether aliases other than `best` are answered from the entries' alias lists
     custom_aliases: bool = False
+
+    def __init__(self, codec: Optional[PayloadCodec] = None):
+        super().__init__()
+        self.codec = codec or PayloadCodec()
 
     @abc.abstractmethod
     def load_payload(self) -> Optional[RegistryPayload]:
@@ -28,4 +33,4 @@ class PayloadSource(RegistrySource):
         if section is None:
             return None
         record = section.select(selector, custom_aliases=self.custom_aliases)
-        return None if record is None else Answer(record, section)
+        return None if record is None else Answer(record, section, as_of=payload.written_at)

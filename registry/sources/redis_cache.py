@@ -12,6 +12,7 @@ from redis.retry import Retry
 from registry.errors import PayloadError, SourceUnavailable
 from registry.payload import ModelSection, RegistryPayload
 from registry.settings import RegistrySettings
+from registry.signing import PayloadCodec
 from registry.sources.base import LayerHealth, payload_summary
 from registry.sources.payload_source import PayloadSource
 
@@ -22,8 +23,8 @@ class RedisCacheSource(PayloadSource):
     source_id = "redis"
     tag = "[CACHE]"
 
-    def __init__(self, url: str, *, key: str, ttl: int, timeout: float):
-        super().__init__()
+    def __init__(self, url: str, *, key: str, ttl: int, timeout: float, codec: Optional[PayloadCodec] = None):
+        super().__init__(codec)
         self.key = key
         self.ttl = ttl
         self.client = redis.Redis.from_url(
@@ -39,7 +40,8 @@ class RedisCacheSource(PayloadSource):
     def from_settings(cls, settings: RegistrySettings) -> Optional["RedisCacheSource"]:
         if not settings.redis_url:
             return None
-        return cls(settings.redis_url, key=settings.cache_key, ttl=settings.cache_ttl, timeout=settings.redis_timeout)
+        return cls(settings.redis_url, key=settings.cache_key, ttl=settings.cache_ttl, timeout=settings.redis_timeout,
+                   codec=PayloadCodec.from_secret(settings.signing_key))
 
     def load_payload(self) -> Optional[RegistryPayload]:
         try:
@@ -48,7 +50,7 @@ class RedisCacheSource(PayloadSource):
             raise SourceUnavailable(self.source_id, f"{type(exc).__name__}: {exc}") from exc
         if raw is None:
             return None
-        return RegistryPayload.parse(raw, where=f"redis key {self.key!r}")
+        return self.codec.decode(raw, where=f"redis key {self.key!r}")
 
     def store_section(self, section: ModelSection) -> None:
         """Merge one model's section into the cached payload, atomically (WATCH/MULTI, retried by redis-py)."""
@@ -56,11 +58,11 @@ class RedisCacheSource(PayloadSource):
         def merge(pipe: redis.client.Pipeline) -> None:
             raw = pipe.get(self.key)
             try:
-                current = RegistryPayload.parse(raw, where="redis") if raw is not None else RegistryPayload.empty()
+                current = self.codec.decode(raw, where="redis") if raw is not None else RegistryPayload.empty()
             except PayloadError:
                 current = RegistryPayload.empty()  # a corrupt cache value is replaced, the registry below is intact
             pipe.multi()
-            pipe.set(self.key, current.with_section(section).to_json(), ex=self.ttl)
+            pipe.set(self.key, self.codec.encode(current.merge_section(section)), ex=self.ttl)
 
         try:
             self.client.transaction(merge, self.key)
@@ -69,7 +71,7 @@ class RedisCacheSource(PayloadSource):
 
     def store_payload(self, payload: RegistryPayload) -> None:
         try:
-            self.client.set(self.key, payload.to_json(), ex=self.ttl)
+            self.client.set(self.key, self.codec.encode(payload), ex=self.ttl)
         except redis.RedisError as exc:
             raise SourceUnavailable(self.source_id, f"write failed: {type(exc).__name__}: {exc}") from exc
 

@@ -10,6 +10,7 @@ import httpx
 from registry.errors import PayloadError, SourceUnavailable
 from registry.payload import RegistryPayload
 from registry.settings import RegistrySettings
+from registry.signing import PayloadCodec
 from registry.sources.base import LayerHealth, payload_summary
 from registry.sources.payload_source import PayloadSource
 
@@ -20,8 +21,8 @@ class TrainingAPISource(PayloadSource):
     source_id = "training_api"
     tag = "[HYBRID]"
 
-    def __init__(self, base_url: str, *, timeout: float):
-        super().__init__()
+    def __init__(self, base_url: str, *, timeout: float, codec: Optional[PayloadCodec] = None):
+        super().__init__(codec)
         self.base_url = base_url.rstrip("/")
         self.client = httpx.Client(
             base_url=self.base_url,
@@ -34,7 +35,8 @@ class TrainingAPISource(PayloadSource):
     def from_settings(cls, settings: RegistrySettings) -> Optional["TrainingAPISource"]:
         if not settings.training_api_url:
             return None
-        return cls(settings.training_api_url, timeout=settings.training_api_timeout)
+        return cls(settings.training_api_url, timeout=settings.training_api_timeout,
+                   codec=PayloadCodec.from_secret(settings.signing_key))
 
     def load_payload(self) -> Optional[RegistryPayload]:
         try:
@@ -45,7 +47,7 @@ class TrainingAPISource(PayloadSource):
             return None
         if response.status_code != 200:
             raise SourceUnavailable(self.source_id, f"HTTP {response.status_code} from {response.request.url}")
-        return RegistryPayload.parse(response.content, where=f"training API {response.request.url}")
+        return self.codec.decode(response.content, where=f"training API {response.request.url}")
 
     def health(self, models: list[str]) -> LayerHealth:
         start = time.perf_counter()

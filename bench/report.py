@@ -1,0 +1,202 @@
+"""Figures, tables and statistics: every value printed beside its baseline and their ratio."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+
+@dataclass
+class Figure:
+    """One measured value beside the baseline it should be read against."""
+
+    name: str
+    value: Optional[float]
+    unit: str
+    baseline_name: str = ""
+    baseline: Optional[float] = None
+    note: str = ""
+    key: str = ""  # stable id for the JSON file and the targets
+
+    @property
+    def ratio(self) -> Optional[float]:
+        if self.value is None or self.baseline in (None, 0):
+            return None
+        return self.value / self.baseline
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ratio"] = None if self.ratio is None else round(self.ratio, 4)
+        return data
+
+
+@dataclass
+class AreaReport:
+    """What one area measured: its figures in print order, and raw detail for the JSON file."""
+
+    area: str
+    title: str
+    figures: list[Figure] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    error: Optional[str] = None
+
+    def add(self, name: str, value: Optional[float], unit: str, baseline_name: str = "", baseline: Optional[float] = None,
+            note: str = "", key: str = "") -> Figure:
+        fig = Figure(name, value, unit, baseline_name, baseline, note, key)
+        self.figures.append(fig)
+        return fig
+
+    def get(self, key: str) -> Optional[Figure]:
+        return next((f for f in self.figures if f.key == key), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "title": self.title,
+            "seconds": round(self.seconds, 1),
+            "error": self.error,
+            "figures": [f.to_dict() for f in self.figures],
+            "notes": self.notes,
+            "detail": self.detail,
+        }
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+def median(values: Sequence[float]) -> Optional[float]:
+    return statistics.median(values) if values else None
+
+
+def percentile(values: Sequence[float], q: float) -> Optional[float]:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def repeat(fn: Callable[[], Any], n: int, warmup: int = 3) -> list[float]:
+    """Seconds of each of `n` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def summarize(seconds: Sequence[float]) -> dict[str, Any]:
+    """Median, p90, p99, min, max in milliseconds, and the count."""
+    ms = [s * 1000 for s in seconds]
+    return {
+        "n": len(ms),
+        "median_ms": _r(median(ms)),
+        "p90_ms": _r(percentile(ms, 90)),
+        "p99_ms": _r(percentile(ms, 99)),
+        "min_ms": _r(min(ms) if ms else None),
+        "max_ms": _r(max(ms) if ms else None),
+    }
+
+
+def _r(value: Optional[float], digits: int = 4) -> Optional[float]:
+    return None if value is None else round(value, digits)
+
+
+# -- the machine --------------------------------------------------------------------------------
+
+def machine_info() -> dict[str, Any]:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "?")
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as fh:
+            kib = next(int(line.split()[1]) for line in fh if line.startswith("MemTotal"))
+        mem_gib = round(kib / 1024 / 1024, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    info: dict[str, Any] = {
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu,
+        "memory_gib": mem_gib,
+        "loadavg_at_start": [round(x, 2) for x in load] if load else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    for package in ("bentoml", "mlflow", "transformers", "redis"):
+        try:
+            from importlib.metadata import version
+
+            info[package] = version(package)
+        except Exception:  # a missing package is reported as absent, not fatal
+            info[package] = None
+    return info
+
+
+# -- printing -----------------------------------------------------------------------------------
+
+def fmt_value(value: Optional[float], unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "ms":
+        if value < 1:
+            return f"{value * 1000:.0f} µs"
+        return f"{value:.2f} ms" if value < 100 else f"{value:.0f} ms"
+    if unit == "s":
+        return f"{value:.2f} s"
+    if unit in ("req/s", "texts/s"):
+        return f"{value:.1f} {unit}"
+    if unit == "MiB":
+        return f"{value:.1f} MiB"
+    if unit == "KiB":
+        return f"{value:.1f} KiB"
+    if unit == "count":
+        return f"{value:.0f}"
+    if unit == "x":
+        return f"{value:.2f}"
+    return f"{value:g} {unit}".strip()
+
+
+def render(report: AreaReport) -> str:
+    rows = [("figure", "value", "baseline", "baseline value", "ratio")]
+    for f in report.figures:
+        ratio = "-" if f.ratio is None else f"{f.ratio:.2f}x"
+        rows.append((f.name, fmt_value(f.value, f.unit), f.baseline_name or "-",
+                     fmt_value(f.baseline, f.unit) if f.baseline_name else "-", ratio))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    line = "-+-".join("-" * w for w in widths)
+    out = [f"== {report.area}: {report.title} ({report.seconds:.0f} s) =="]
+    for i, row in enumerate(rows):
+        out.append(" | ".join(cell.ljust(widths[j]) if j in (0, 2) else cell.rjust(widths[j]) for j, cell in enumerate(row)))
+        if i == 0:
+            out.append(line)
+    for f in report.figures:
+        if f.note:
+            out.append(f"  * {f.name}: {f.note}")
+    out.extend(f"  - {n}" for n in report.notes)
+    if report.error:
+        out.append(f"  !! area failed: {report.error}")
+    return "\n".join(out)
