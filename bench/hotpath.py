@@ -55,6 +55,19 @@ def raw_ceiling(lab: Lab, texts: list[str], seconds: float, threads_list: tuple[
                     "threads": threads, "batch": batch, "texts_per_s": done / elapsed,
                     "batch_ms_median": sorted(batch_times)[len(batch_times) // 2] * 1000, "batches": len(batch_times),
                 }
+        # What length-bucketed batching could reach: the same texts, batches of similar length (sorted mix).
+        torch.set_num_threads(threads_list[0])
+        ordered = sorted(texts, key=len)
+        for batch in RAW_BATCHES[1:]:
+            done, i = 0, 0
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                lo = (i * batch) % len(ordered)
+                runner.predict(ordered[lo:lo + batch])
+                done += len(ordered[lo:lo + batch])
+                i += 1
+            results[f"threads={threads_list[0]},batch={batch},sorted"] = {
+                "threads": threads_list[0], "batch": batch, "sorted": True, "texts_per_s": done / (time.perf_counter() - start)}
         labels = [p["label"] for p in runner.predict(texts)]
     finally:
         torch.set_num_threads(previous)
@@ -62,8 +75,9 @@ def raw_ceiling(lab: Lab, texts: list[str], seconds: float, threads_list: tuple[
     return {"runs": results, "labels": labels}
 
 
-def best(runs: dict[str, Any], threads: int) -> dict[str, Any]:
-    return max((r for r in runs.values() if r["threads"] == threads), key=lambda r: r["texts_per_s"])
+def best(runs: dict[str, Any], threads: int, sorted_: bool = False) -> dict[str, Any]:
+    return max((r for r in runs.values() if r["threads"] == threads and r.get("sorted", False) == sorted_),
+               key=lambda r: r["texts_per_s"])
 
 
 def load_levels(url: str, path: str, bodies: list[bytes], duration: float, warmup: float,
@@ -95,7 +109,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
     texts = text_mix()
 
     raw = raw_ceiling(lab, texts, raw_s)
-    ceiling, ceiling_1t = best(raw["runs"], 2), best(raw["runs"], 1)
+    ceiling, ceiling_1t, bucketed = best(raw["runs"], 2), best(raw["runs"], 1), best(raw["runs"], 2, sorted_=True)
 
     svc, ready_s = lab.service()
     try:
@@ -124,6 +138,9 @@ def run(lab: Lab, quick: bool) -> AreaReport:
     report.add("raw model, best batch, 2 threads", ceiling["texts_per_s"], "texts/s", note=f"batch {ceiling['batch']}", key="raw_ceiling")
     report.add("raw model, best batch, 1 thread", ceiling_1t["texts_per_s"], "texts/s", "raw, 2 threads", ceiling["texts_per_s"],
                note=f"batch {ceiling_1t['batch']}", key="raw_1thread")
+    report.add("raw model, length-sorted batches, 2 threads", bucketed["texts_per_s"], "texts/s", "raw, 2 threads", ceiling["texts_per_s"],
+               note=f"batch {bucketed['batch']}; the mix sorted by length, so a batch pads little (what bucketing could reach)",
+               key="raw_sorted")
     for c in LEVELS:
         s, m = service[c], mlflow[c]
         report.add(f"service throughput, {c} clients, vs ceiling", s.rps, "req/s", "raw ceiling", ceiling["texts_per_s"], key=f"svc_rps_vs_raw_{c}",

@@ -151,7 +151,8 @@ class Lab:
         port = free_port()
         argv = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{demo.registered_name}/1",
                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-        env = {**QUIET_ENV, "MLFLOW_TRACKING_URI": demo.tracking_uri}
+        # It execs `uvicorn` by name: the venv's bin must be on PATH even when the venv is not activated.
+        env = {**QUIET_ENV, "MLFLOW_TRACKING_URI": demo.tracking_uri, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         server = ManagedServer("mlflow-models-serve", argv, port, self.log_dir, env=env, cwd=self.run_dir,
                                ready=http_ok(f"http://127.0.0.1:{port}/ping"), start_timeout=240)
         return self.own(server).start()

@@ -46,6 +46,7 @@ class AreaReport:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     error: Optional[str] = None
+    loadavg: Optional[tuple[list[float], list[float]]] = None  # (before, after): other work on the machine shows here
 
     def add(self, name: str, value: Optional[float], unit: str, baseline_name: str = "", baseline: Optional[float] = None,
             note: str = "", key: str = "") -> Figure:
@@ -60,6 +61,7 @@ class AreaReport:
         return {
             "title": self.title,
             "seconds": round(self.seconds, 1),
+            "loadavg_before_after": self.loadavg,
             "error": self.error,
             "figures": [f.to_dict() for f in self.figures],
             "notes": self.notes,
@@ -188,7 +190,8 @@ def render(report: AreaReport) -> str:
                      fmt_value(f.baseline, f.unit) if f.baseline_name else "-", ratio))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     line = "-+-".join("-" * w for w in widths)
-    out = [f"== {report.area}: {report.title} ({report.seconds:.0f} s) =="]
+    load = "" if not report.loadavg else f"; load average {report.loadavg[0][0]} -> {report.loadavg[1][0]}"
+    out = [f"== {report.area}: {report.title} ({report.seconds:.0f} s{load}) =="]
     for i, row in enumerate(rows):
         out.append(" | ".join(cell.ljust(widths[j]) if j in (0, 2) else cell.rjust(widths[j]) for j, cell in enumerate(row)))
         if i == 0:

@@ -21,12 +21,14 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import redis
+from redis.exceptions import LockError
 
 from registry.errors import RegistryError
 from registry.settings import RegistrySettings
@@ -34,6 +36,7 @@ from registry.settings import RegistrySettings
 logger = logging.getLogger(__name__)
 
 LOG_LENGTH = 100
+LOCK_TTL = 15.0
 HEARTBEAT_TTL = 6.0
 
 
@@ -152,13 +155,25 @@ class RedisReloadBus(ReloadBus):
 
     @contextlib.contextmanager
     def lock(self, timeout: float) -> Iterator[None]:
-        lock = self.client.lock(f"{self.prefix}:lock", timeout=timeout + 30, blocking_timeout=timeout)
+        # A short TTL, renewed while the reload runs: a lock whose SET reached a paused Redis after
+        # the client gave up (a phantom holder) expires by itself within LOCK_TTL seconds.
+        lock = self.client.lock(f"{self.prefix}:lock", timeout=LOCK_TTL, blocking_timeout=max(timeout, LOCK_TTL + 5))
         if not self._call(lock.acquire):
-            raise CoordinationError(f"another reload held the lock for more than {timeout}s")
+            raise CoordinationError(f"another reload held the lock for more than {max(timeout, LOCK_TTL + 5):.0f}s")
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(LOCK_TTL / 3):
+                with contextlib.suppress(redis.RedisError, LockError):
+                    lock.reacquire()
+
+        renewer = threading.Thread(target=renew, name="reload-lock-renewer", daemon=True)
+        renewer.start()
         try:
             yield
         finally:
-            with contextlib.suppress(redis.RedisError):
+            done.set()
+            with contextlib.suppress(redis.RedisError, LockError):
                 lock.release()
 
     def announce(self, model: str, version: str, selector: str, issued_by: str) -> ReloadOrder:

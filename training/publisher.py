@@ -179,11 +179,18 @@ class Publisher:
         """Use (or create) the experiment; with a local sqlite store, artifacts go beside the database
         instead of `./mlruns` in whatever directory the command ran from."""
         import mlflow
+        from mlflow.exceptions import MlflowException
 
         uri = self.settings.mlflow_tracking_uri or ""
-        if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
-            root = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
-            mlflow.create_experiment(name, artifact_location=root.as_uri())
+        if mlflow.get_experiment_by_name(name) is None:
+            location = None
+            if uri.startswith("sqlite:///"):
+                location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+            try:
+                mlflow.create_experiment(name, artifact_location=location)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another publisher created it first
+                    raise
         mlflow.set_experiment(name)
 
     def _move_best(self, registered: str, version: str, metrics: Mapping[str, float], metric: str, greater: bool) -> tuple[bool, Optional[str]]:

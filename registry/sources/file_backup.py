@@ -28,6 +28,7 @@ class FileBackupSource(PayloadSource):
     def __init__(self, path: Path, codec: Optional[PayloadCodec] = None):
         super().__init__(codec)
         self.path = Path(path)
+        self.last_write_error: Optional[str] = None  # disk full, read-only: reported by health
 
     @classmethod
     def from_settings(cls, settings: RegistrySettings) -> "FileBackupSource":
@@ -65,14 +66,18 @@ class FileBackupSource(PayloadSource):
                     current = RegistryPayload.empty()
                 self._write(current.merge_section(section))
         except OSError as exc:
+            self.last_write_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {exc}"
             raise SourceUnavailable(self.source_id, f"cannot write {self.path}: {exc}") from exc
+        self.last_write_error = None
 
     def store_payload(self, payload: RegistryPayload) -> None:
         try:
             with self._locked():
                 self._write(payload)
         except OSError as exc:
+            self.last_write_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {exc}"
             raise SourceUnavailable(self.source_id, f"cannot write {self.path}: {exc}") from exc
+        self.last_write_error = None
 
     def _quarantine(self) -> Path:
         aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
@@ -105,6 +110,7 @@ class FileBackupSource(PayloadSource):
         except (SourceUnavailable, PayloadError) as exc:
             return LayerHealth(self.source_id, isinstance(exc, PayloadError), (time.perf_counter() - start) * 1000, str(exc))
         elapsed = (time.perf_counter() - start) * 1000
-        writable = os.access(self.path.parent if self.path.parent.exists() else ".", os.W_OK)
-        detail = f"{self.path} " + ("absent" if payload is None else f"timestamp {payload.timestamp}") + ("" if writable else ", directory not writable")
+        detail = f"{self.path} " + ("absent" if payload is None else f"timestamp {payload.timestamp}")
+        if self.last_write_error:
+            detail += f"; last write failed at {self.last_write_error}"
         return LayerHealth(self.source_id, True, elapsed, detail, payload_summary(payload, models, self.source_id))
