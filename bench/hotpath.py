@@ -104,7 +104,7 @@ def service_levels(svc: Any, name: str, bodies: list[bytes], duration: float, wa
 
 def run(lab: Lab, quick: bool) -> AreaReport:
     report = AreaReport("hotpath", "classify throughput and latency, demo MiniLM, one text per request")
-    duration, warmup, raw_s = (5.0, 1.5, 2.0) if quick else (15.0, 3.0, 5.0)
+    duration, warmup, raw_s = (4.0, 1.0, 1.5) if quick else (15.0, 3.0, 5.0)
     demo = lab.demo()
     texts = text_mix()
 

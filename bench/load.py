@@ -185,9 +185,10 @@ class BackgroundLoad:
         self._thread.join(timeout=REQUEST_TIMEOUT_S + 10)
         self.stopped_at = time.perf_counter()
 
-    def within(self, windows: Sequence[tuple[float, float]]) -> list[Sample]:
-        """Samples whose request started inside any of the (start, end) windows."""
-        return [s for s in self.samples if any(a <= s.start <= b for a, b in windows)]
+    def overlapping(self, windows: Sequence[tuple[float, float]]) -> list[Sample]:
+        """Samples whose request was in flight at any moment of any of the (start, end) windows."""
+        return [s for s in self.samples if any(s.start <= b and s.start + s.latency >= a for a, b in windows)]
 
     def outside(self, windows: Sequence[tuple[float, float]], after: float) -> list[Sample]:
-        return [s for s in self.samples if s.start >= after and not any(a <= s.start <= b for a, b in windows)]
+        return [s for s in self.samples
+                if s.start >= after and not any(s.start <= b and s.start + s.latency >= a for a, b in windows)]

@@ -67,6 +67,9 @@ class RegistrySettings(BaseSettings):
     breaker_reset: float = Field(30.0, gt=0)
     """Seconds a tripped layer is left alone before one call probes it again."""
 
+    s3_timeout: float = Field(10.0, gt=0)
+    """Seconds for an S3 connect or read when the runner downloads an artifact directly."""
+
     backup_path: Path = Path("data/model_registry.json")
     """JSON file backup of the registry payload."""
 

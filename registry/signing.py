@@ -38,7 +38,10 @@ class PayloadCodec:
 
     @classmethod
     def from_secret(cls, secret: Any) -> "PayloadCodec":
-        return cls(secret.get_secret_value() if secret is not None else None)
+        """From a settings value: a pydantic SecretStr, a plain string, or None (unsigned)."""
+        if secret is None:
+            return cls(None)
+        return cls(secret.get_secret_value() if hasattr(secret, "get_secret_value") else str(secret))
 
     @property
     def signed(self) -> bool:

@@ -193,13 +193,22 @@ class ArtifactStore:
         if record.artifact_uri:
             try:
                 (dst / "direct").mkdir(parents=True)
-                local = mlflow.artifacts.download_artifacts(artifact_uri=record.artifact_uri, dst_path=str(dst / "direct"))
+                if record.artifact_uri.startswith("s3://"):
+                    local = self._download_s3(record.artifact_uri, dst / "direct")
+                else:
+                    local = mlflow.artifacts.download_artifacts(artifact_uri=record.artifact_uri, dst_path=str(dst / "direct"))
                 logger.info("[MLFLOW] downloaded %s v%s from %s", record.name, record.version, record.artifact_uri)
                 return Path(local)
             except Exception as exc:  # MLflow, boto and OS errors all mean: this location failed
                 logger.warning("[MLFLOW] download of %s from %s failed: %s", record.name, record.artifact_uri, exc)
                 failures.append((record.artifact_uri, exc))
-        if record.model_uri != record.artifact_uri:
+        # `models:/` leads to the same storage: when that storage did not answer, asking again
+        # through MLflow (whose S3 client waits 60 s per read) only holds the reload longer.
+        from botocore.exceptions import ConnectionError as StorageUnreachable
+        from botocore.exceptions import HTTPClientError as StorageTimeout
+
+        storage_down = any(isinstance(exc, (StorageUnreachable, StorageTimeout)) for _, exc in failures)
+        if record.model_uri != record.artifact_uri and not storage_down:
             tracking_uri = self.settings.mlflow_tracking_uri
             try:
                 (dst / "registry").mkdir(parents=True)
@@ -216,6 +225,37 @@ class ArtifactStore:
                 failures.append((record.model_uri, exc))
         reasons = "; ".join(f"{uri}: {type(exc).__name__}: {exc}" for uri, exc in failures)
         raise ArtifactError(record.location, f"download failed ({reasons})") from failures[-1][1]
+
+    def _download_s3(self, uri: str, dst: Path) -> Path:
+        """Every object under an `s3://bucket/prefix`, with bounded timeouts and botocore's own retries.
+
+        MLflow's S3 client keeps botocore's 60 s read timeout and offers no setting for it; a
+        paused S3 must not hold a reload or a start-up for minutes.
+        """
+        import boto3
+        from botocore.config import Config
+
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        prefix = prefix.rstrip("/") + "/"
+        timeout = self.settings.s3_timeout
+        client = boto3.client(
+            "s3",
+            endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None,
+            config=Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 2, "mode": "standard"}),
+        )
+        count = 0
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                relative = obj["Key"][len(prefix):]
+                target = (dst / relative).resolve()
+                if not relative or not str(target).startswith(str(dst.resolve()) + os.sep):
+                    raise ArtifactError(uri, f"object key {obj['Key']!r} escapes the artifact directory")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, obj["Key"], str(target))
+                count += 1
+        if count == 0:
+            raise ArtifactError(uri, "no objects under this location")
+        return dst
 
     @staticmethod
     def _verify(record: ModelRecord, local: Path) -> None:

@@ -168,7 +168,7 @@ header_name = st.sampled_from(["Accept", "Accept-Encoding", "Cookie", "User-Agen
     | st.from_regex(r"\AX-[A-Za-z0-9-]{1,12}\Z")
 authorization = st.sampled_from([None, f"Bearer {ADMIN_TOKEN}", f"bearer {ADMIN_TOKEN}", f"Bearer {ADMIN_TOKEN}x",
                                  "Bearer", "Basic dXNlcjpwYXNz", ADMIN_TOKEN]) \
-    | header_value.map(lambda v: b"Bearer " + v)
+    | header_value.map(lambda v: (b"Bearer " + v).strip())
 
 
 @st.composite

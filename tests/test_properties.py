@@ -53,7 +53,10 @@ selector_inputs = st.one_of(
 )
 
 # Realistic registry data: ASCII aliases as MLflow stores them, never the reserved `latest`.
-alias_names = (st.just(BEST) | st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_-]{0,15}\Z")).filter(lambda a: a != LATEST)
+ALIAS_HEAD = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_"
+alias_names = (st.just(BEST) | st.builds(
+    str.__add__, st.sampled_from(ALIAS_HEAD), st.text(alphabet=ALIAS_HEAD + "0123456789-", max_size=15),
+)).filter(lambda a: a != LATEST)
 model_names = st.text(min_size=1, max_size=12)
 opt_text = st.none() | st.text(max_size=20)
 metrics = st.dictionaries(
@@ -61,7 +64,7 @@ metrics = st.dictionaries(
     st.floats(allow_nan=False) | st.integers(min_value=-10**6, max_value=10**6),  # NaN != NaN would defeat equality
     max_size=3,
 )
-sha256s = st.none() | st.from_regex(r"\A[0-9a-f]{64}\Z")
+sha256s = st.none() | st.binary(min_size=32, max_size=32).map(bytes.hex)
 
 
 @st.composite
@@ -296,8 +299,7 @@ def test_payload_parse_any_json_value_raises_only_payload_error(value: Any) -> N
 
 @PROPS
 @given(payload_shaped, st.lists(st.text(max_size=4), max_size=2))
-@example({"latest_models": {"m": {"version": 1, "model_uri": "u", "metrics": {"f1": 10**400}}}}, [])
-@example(json.loads(HUGE_INT_METRIC), [])
+@example(json.loads(HUGE_INT_METRIC), [])  # a 401-digit integer metric: float() overflows
 def test_payload_sections_raise_only_payload_error(data: dict, names: list[str]) -> None:
     payload = parse_or_payload_error(data)
     if payload is not None:
