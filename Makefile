@@ -43,8 +43,9 @@ serve: demo-model
 training-api: setup
 	$(BIN)/python -m training.api
 
+# Benchmarks beside their baselines (issue 5): make bench BENCH_ARGS='--quick --only resolution,hotpath'
 bench: setup
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 build: setup
 	$(BIN)/bentoml build

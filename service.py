@@ -17,8 +17,9 @@ from typing import Any, Optional
 
 import bentoml
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
 from registry.coordination import CoordinationError, ReloadBus, worker_id
@@ -59,9 +60,9 @@ class ReloadRequest(BaseModel):
     """Body of POST /reload: which model (default: every configured model) and which version."""
 
     model_config = ConfigDict(extra="forbid")
-    model: Optional[str] = Field(None, max_length=200)
-    alias: Optional[str] = Field(None, max_length=300)
-    version: Optional[int | str] = None
+    model: Optional[StrictStr] = Field(None, max_length=200)
+    alias: Optional[StrictStr] = Field(None, max_length=300)
+    version: Optional[StrictInt | StrictStr] = None  # strict: `true` or `1.0` is not version 1
 
 
 admin_app = FastAPI(title="registry admin", docs_url=None, redoc_url=None, openapi_url=None)
@@ -70,6 +71,38 @@ admin_app = FastAPI(title="registry admin", docs_url=None, redoc_url=None, opena
 @admin_app.exception_handler(HTTPException)
 async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
     return error(exc.status_code, str(exc.detail))
+
+
+@admin_app.exception_handler(RequestValidationError)
+async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's own handler echoes the input back, which fails for lone surrogates, NaN or raw
+    # bytes (a 500); name the field and the problem only, in ASCII.
+    def clean(value: object) -> str:
+        return str(value).encode("ascii", "backslashreplace").decode("ascii")
+
+    problems = [{"loc": [clean(part) for part in e.get("loc", ())], "msg": clean(e.get("msg", "")), "type": clean(e.get("type", ""))}
+                for e in exc.errors()]
+    first = problems[0] if problems else {"loc": [], "msg": "invalid request"}
+    return JSONResponse({"error": f"invalid request body at {'.'.join(first['loc']) or 'body'}: {first['msg']}", "detail": problems},
+                        status_code=400)
+
+
+class JSONOnly:
+    """Answer 415 to a non-JSON body on the JSON APIs (BentoML turns a bad multipart body into a 500)."""
+
+    JSON_ROUTES = ("/classify", "/reload")
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in self.JSON_ROUTES:
+            content_type = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+            if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+                response = error(415, f"expected an application/json body, got {content_type!r}")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @bentoml.service(
@@ -302,3 +335,6 @@ class SecurityClassifier:
             },
             "elapsed_ms": round((time.perf_counter() - start) * 1000, 1),
         }
+
+
+SecurityClassifier.add_asgi_middleware(JSONOnly)

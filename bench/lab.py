@@ -20,7 +20,16 @@ from typing import Any, Callable, Optional
 import httpx
 
 from bench.demo_model import DemoModel, ensure_demo_model
-from tests.servers import QUIET_ENV, VENV_BIN, ManagedServer, free_port, http_ok, mlflow_server, redis_server, training_api
+from tests.servers import (
+    QUIET_ENV,
+    VENV_BIN,
+    ManagedServer,
+    free_port,
+    http_ok,
+    mlflow_server,
+    redis_server,
+    training_api,
+)
 from tests.service_proc import ADMIN_TOKEN, ServiceProcess
 
 REPO = Path(__file__).resolve().parent.parent

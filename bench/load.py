@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 from urllib.parse import urlparse
 
-from bench.report import percentile
+from bench.report import median, percentile
 
 #: A request that takes longer than this counts as an error (status 0) and its connection is replaced.
 REQUEST_TIMEOUT_S = 60.0
@@ -37,7 +37,10 @@ class LoadResult:
     non_200: int
     errors: int
     statuses: dict[str, int] = field(default_factory=dict)
-    rps: float = 0.0
+    rps: float = 0.0  # median of the per-segment throughputs: a burst of other work on the machine moves it less
+    rps_overall: float = 0.0
+    segment_rps: list[float] = field(default_factory=list)
+    client_cpu: Optional[float] = None  # CPU seconds per second the load generator itself used
     p50_ms: Optional[float] = None
     p90_ms: Optional[float] = None
     p99_ms: Optional[float] = None
@@ -46,13 +49,26 @@ class LoadResult:
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
+    @property
+    def bad(self) -> int:
+        return self.non_200 + self.errors
 
-def stats(samples: Sequence[Sample], concurrency: int, window_s: float) -> LoadResult:
+
+def stats(samples: Sequence[Sample], concurrency: int, window_s: float,
+          window: Optional[tuple[float, float]] = None, segments: int = 3) -> LoadResult:
+    """Statistics of `samples`; with the measured `window` (start, end), throughput is also taken per segment."""
     ok = [s for s in samples if s.status == 200]
     statuses: dict[str, int] = {}
     for s in samples:
         statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1
     lat = [s.latency * 1000 for s in ok]
+    overall = len(ok) / window_s if window_s > 0 else 0.0
+    segment_rps: list[float] = []
+    if window is not None and segments > 1:
+        a, b = window
+        step = (b - a) / segments
+        ends = [s.start + s.latency for s in ok]
+        segment_rps = [sum(1 for e in ends if a + i * step <= e < a + (i + 1) * step) / step for i in range(segments)]
     return LoadResult(
         concurrency=concurrency,
         window_s=window_s,
@@ -60,7 +76,9 @@ def stats(samples: Sequence[Sample], concurrency: int, window_s: float) -> LoadR
         non_200=sum(1 for s in samples if s.status not in (200, 0)),
         errors=sum(1 for s in samples if s.status == 0),
         statuses=statuses,
-        rps=len(ok) / window_s if window_s > 0 else 0.0,
+        rps=median(segment_rps) if segment_rps else overall,
+        rps_overall=overall,
+        segment_rps=[round(x, 2) for x in segment_rps],
         p50_ms=percentile(lat, 50),
         p90_ms=percentile(lat, 90),
         p99_ms=percentile(lat, 99),
@@ -155,10 +173,15 @@ async def _run(url: str, path: str, bodies: Sequence[bytes], concurrency: int, d
 def run_load(url: str, path: str, bodies: Sequence[bytes], concurrency: int, duration: float, warmup: float = 2.0) -> LoadResult:
     """Closed-loop load for `warmup + duration` seconds; statistics over requests that finish in the last `duration`."""
     begin = time.perf_counter()
+    cpu_before = time.process_time()
     samples = asyncio.run(_run(url, path, bodies, concurrency, warmup + duration, threading.Event()))
+    cpu = (time.process_time() - cpu_before) / (time.perf_counter() - begin)
     window_start, window_end = begin + warmup, begin + warmup + duration
     measured = [s for s in samples if window_start <= s.start + s.latency <= window_end]
-    return stats(measured, concurrency, duration)
+    # Batches finish in bursts: segments shorter than a few seconds would only measure the bursts.
+    result = stats(measured, concurrency, duration, window=(window_start, window_end), segments=3 if duration >= 9 else 1)
+    result.client_cpu = round(cpu, 3)
+    return result
 
 
 class BackgroundLoad:

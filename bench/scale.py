@@ -23,7 +23,12 @@ from registry.record import BEST, Selector
 from registry.resolver import Resolver
 from registry.signing import PayloadCodec
 from registry.sources.file_backup import FileBackupSource
-from registry.sources.mlflow_registry import TAG_ARTIFACT_URI, TAG_METRICS, TAG_SHA256, MLflowRegistrySource
+from registry.sources.mlflow_registry import (
+    TAG_ARTIFACT_URI,
+    TAG_METRICS,
+    TAG_SHA256,
+    MLflowRegistrySource,
+)
 from registry.sources.redis_cache import RedisCacheSource
 
 PREFIX = "scale_"
@@ -84,8 +89,8 @@ def run(lab: Lab, quick: bool) -> AreaReport:
             for layer, resolver in layers.items():
                 got = resolver.resolve(target, selector)
                 assert got.record.version == str(VERSIONS) and got.record.source == layer, got.record
-                timings[layer] = repeat(lambda r=resolver: r.resolve(target, selector), n_slow if layer == "mlflow" else n_fast)
-                memory[layer] = round(peak_kib(lambda r=resolver: r.resolve(target, selector)), 1)
+                timings[layer] = repeat(lambda r=resolver, t=target, s=selector: r.resolve(t, s), n_slow if layer == "mlflow" else n_fast)
+                memory[layer] = round(peak_kib(lambda r=resolver, t=target, s=selector: r.resolve(t, s)), 1)
             redis_src.close()
             per_level[n] = {
                 "models": n, "versions": n * VERSIONS, "payload_bytes": len(PayloadCodec().encode(payload)),

@@ -12,6 +12,15 @@ if TYPE_CHECKING:
     from registry.record import LayerAttempt
 
 
+def safe_repr(value: object, limit: int = 80) -> str:
+    """A short repr for messages; never fails (huge integers cannot be turned into text)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class RegistryError(Exception):
     """Root of every error raised by this project."""
 
@@ -22,7 +31,7 @@ class SettingsError(RegistryError):
     def __init__(self, variable: str, value: object, reason: str):
         self.variable = variable
         self.value = value
-        super().__init__(f"{variable}={value!r}: {reason}")
+        super().__init__(f"{variable}={safe_repr(value)}: {reason}")
 
 
 class SelectorError(RegistryError, ValueError):
@@ -30,7 +39,7 @@ class SelectorError(RegistryError, ValueError):
 
     def __init__(self, selector: object, reason: str):
         self.selector = selector
-        super().__init__(f"invalid selector {selector!r}: {reason}")
+        super().__init__(f"invalid selector {safe_repr(selector)}: {reason}")
 
 
 class PayloadError(RegistryError, ValueError):

@@ -39,7 +39,7 @@ class ModelSection:
     def from_records(cls, name: str, versions: list[ModelRecord], best: Optional[ModelRecord] = None) -> "ModelSection":
         ordered = tuple(sorted(versions, key=lambda r: r.version_number))
         if best is None:
-            best = next((r for r in ordered if BEST in r.aliases), None)
+            best = next((r for r in reversed(ordered) if BEST in r.aliases), None)
         return cls(name=name, latest=ordered[-1] if ordered else None, best=best, versions=ordered)
 
     def all_records(self) -> list[ModelRecord]:
@@ -59,7 +59,7 @@ class ModelSection:
         if selector.value == BEST:
             if self.best is not None:
                 return self.best
-            return next((r for r in self.versions if BEST in r.aliases), None)
+            return next((r for r in reversed(self.versions) if BEST in r.aliases), None)
         if not custom_aliases:
             return None
         return next((r for r in reversed(self.versions) if selector.value in r.aliases), None)
@@ -111,8 +111,8 @@ class RegistryPayload:
         if isinstance(data, str):
             try:
                 data = json.loads(data)
-            except json.JSONDecodeError as exc:
-                raise PayloadError(where, f"not valid JSON ({exc})") from exc
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, deep nesting
+                raise PayloadError(where, f"not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from exc
         if not isinstance(data, Mapping):
             raise PayloadError(where, f"expected a JSON object, got {type(data).__name__}")
         if "latest_models" not in data:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional
 
-from registry.errors import PayloadError, SelectorError
+from registry.errors import PayloadError, SelectorError, safe_repr
 
 LATEST = "latest"
 BEST = "best"
-_ALIAS_RE = re.compile(r"^[A-Za-z_][\w\-]{0,254}$")
-_VERSION_RE = re.compile(r"^[1-9]\d{0,17}$")
+# ASCII only and matched whole (`fullmatch`): `\d` would take any Unicode digit and `$` a trailing newline.
+_ALIAS_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,254}")
+_VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
+_RESERVED_ALIAS_RE = re.compile(r"(?i:latest)|[vV][0-9]+")  # MLflow refuses these alias names
+_MAX_VERSION = 10**18
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,16 @@ class Selector:
             return raw
         if isinstance(raw, bool) or not isinstance(raw, (str, int)):
             raise SelectorError(raw, "expected a string or an integer version")
+        if isinstance(raw, int) and not 0 < raw < _MAX_VERSION:
+            raise SelectorError(raw, "a version is a positive integer below 10**18")
         text = str(raw).strip()
         if text == LATEST:
             return cls("latest", LATEST)
-        if _VERSION_RE.match(text):
+        if _VERSION_RE.fullmatch(text):
             return cls("version", text)
-        if _ALIAS_RE.match(text):
+        if _RESERVED_ALIAS_RE.fullmatch(text):
+            raise SelectorError(raw, "MLflow reserves this alias name ('latest' and 'v<number>')")
+        if _ALIAS_RE.fullmatch(text):
             return cls("alias", text)
         raise SelectorError(raw, "use 'latest', 'best', an alias ([A-Za-z_][A-Za-z0-9_-]*) or a positive version number")
 
@@ -75,9 +83,26 @@ class LayerAttempt:
 
 
 def _version_str(value: object, where: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or not _VERSION_RE.match(str(value)):
-        raise PayloadError(where, f"version must be a positive integer, got {value!r}")
-    return str(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < _MAX_VERSION:
+        return str(value)
+    if isinstance(value, str) and _VERSION_RE.fullmatch(value):
+        return value
+    raise PayloadError(where, f"version must be a positive integer, got {safe_repr(value)}")
+
+
+def _metrics(value: object, where: str) -> dict[str, float]:
+    """Names to floats; NaN and infinities are kept (a diverged run's loss is data, not garbage)."""
+    if not isinstance(value, Mapping):
+        raise PayloadError(where, "'metrics' must map names to numbers")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise PayloadError(where, "'metrics' must map names to numbers")
+        try:
+            out[k] = float(v)
+        except OverflowError:  # an integer too large for a float
+            out[k] = math.inf if v > 0 else -math.inf
+    return out
 
 
 def _opt_str(entry: Mapping[str, Any], key: str, where: str) -> Optional[str]:
@@ -150,11 +175,7 @@ class ModelRecord:
         model_uri = entry.get("model_uri")
         if not isinstance(model_uri, str) or not model_uri:
             raise PayloadError(where, "'model_uri' must be a non-empty string")
-        metrics = entry.get("metrics") or {}
-        if not isinstance(metrics, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items()
-        ):
-            raise PayloadError(where, "'metrics' must map names to numbers")
+        metrics = _metrics(entry.get("metrics") or {}, where)
         aliases = entry.get("aliases") or []
         if not isinstance(aliases, (list, tuple)) or not all(isinstance(a, str) for a in aliases):
             raise PayloadError(where, "'aliases' must be a list of strings")
@@ -162,15 +183,18 @@ class ModelRecord:
         if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise PayloadError(where, "'sha256' must be 64 lowercase hex digits")
         created = entry.get("created_at")
-        if created is not None and not isinstance(created, (str, int, float)):
-            raise PayloadError(where, "'created_at' must be a string or a number")
+        if created is not None and not (
+            isinstance(created, str)
+            or (isinstance(created, (int, float)) and not isinstance(created, bool) and math.isfinite(created) and abs(created) < 1e15)
+        ):
+            raise PayloadError(where, "'created_at' must be a string or a timestamp")
         return cls(
             name=entry_name,
             version=version,
             model_uri=model_uri,
             artifact_uri=_opt_str(entry, "artifact_uri", where),
             run_id=_opt_str(entry, "run_id", where),
-            metrics={k: float(v) for k, v in metrics.items()},
+            metrics=metrics,
             aliases=tuple(aliases),
             sha256=sha,
             source=source,

@@ -85,3 +85,13 @@ def publish_tiny(settings: RegistrySettings, name: str, seed: int, f1: float, fl
         return publisher.publish(name, model, tokenizer, {"f1": f1, "accuracy": f1}, flavor=flavor)
     finally:
         publisher.close()
+
+
+def save_hf_dir(path: Path, seed: int) -> Path:
+    """A Hugging Face directory (config with id2label, weights, tokenizer) of a tiny classifier."""
+    from tests.tiny_models import tiny_classifier
+
+    model, tokenizer = tiny_classifier(seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

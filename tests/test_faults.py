@@ -7,22 +7,20 @@ version it reports, the version served is the one expected, and no registry data
 
 from __future__ import annotations
 
-import json
 import subprocess
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Optional
 
 import httpx
 import pytest
 import redis
 
-from registry.payload import ModelSection, RegistryPayload
+from registry.payload import RegistryPayload
 from registry.signing import PayloadCodec
 from tests.helpers import publish_tiny, settings_for
-from tests.servers import ManagedServer, redis_server, training_api
+from tests.servers import redis_server, training_api
 from tests.service_proc import ServiceProcess
 from tests.test_service_e2e import expected
 

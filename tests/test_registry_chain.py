@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -14,12 +13,10 @@ import redis
 
 from registry.errors import ModelNotResolvable
 from registry.payload import RegistryPayload
-from registry.record import Outcome
 from registry.resolver import Resolver
 from registry.sources.mlflow_registry import MLflowRegistrySource
-from tests.helpers import MisbehavingLayer, dead_url, publish_tiny, settings_for
+from tests.helpers import save_hf_dir, MisbehavingLayer, dead_url, publish_tiny, settings_for
 from tests.servers import redis_server
-from tests.tiny_models import tiny_classifier
 
 pytestmark = pytest.mark.servers
 
@@ -42,11 +39,7 @@ def published(mlflow_srv, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    model, tokenizer = tiny_classifier(seed=99)
-    path = tmp_path_factory.mktemp("hf") / "pretrained"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_hf_dir(tmp_path_factory.mktemp("hf") / "pretrained", seed=99)
 
 
 @pytest.fixture
