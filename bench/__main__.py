@@ -65,6 +65,22 @@ def evaluate(reports: dict[str, AreaReport]) -> list[dict[str, object]]:
     return out
 
 
+def cross_area(reports: dict[str, AreaReport]) -> list[dict[str, object]]:
+    """Ratios between areas of this run: the service with 2 workers (scale) against the hot path's baselines."""
+    hot, scale = reports.get("hotpath"), reports.get("scale")
+    two = scale.get("workers_rps") if scale else None
+    out: list[dict[str, object]] = []
+    if hot is None or two is None or two.value is None:
+        return out
+    for key, text in (("raw_ceiling", "raw in-process ceiling"), ("svc_rps_vs_mlflow_32", "mlflow models serve at 32 clients")):
+        fig = hot.get(key)
+        base = None if fig is None else (fig.value if key == "raw_ceiling" else fig.baseline)
+        if base:
+            out.append({"figure": f"REGISTRY_WORKERS=2 throughput at 32 clients (scale) vs {text} (hotpath)",
+                        "value": round(two.value, 2), "baseline": round(base, 2), "ratio": round(two.value / base, 3)})
+    return out
+
+
 def render_targets(rows: list[dict[str, object]]) -> str:
     lines = ["== targets (issue 5), ratios from this run =="]
     for row in rows:
@@ -178,6 +194,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     for report in reports.values():
         say(render(report) + "\n")
     say(render_targets(targets))
+    derived = cross_area(reports)
+    if derived:
+        say("== across areas (same run, measured minutes apart) ==")
+        for row in derived:
+            say(f"  {row['figure']}: {row['value']} vs {row['baseline']} req/s = {row['ratio']:.2f}x")
     say(f"[bench] server logs in {lab.log_dir}")
     machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results = {
@@ -186,6 +207,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - total)), "argv": sys.argv[1:]},
         "areas": {name: r.to_dict() for name, r in reports.items()},
         "targets": targets,
+        "across_areas": derived,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))

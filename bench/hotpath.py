@@ -162,7 +162,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
     report.notes.append(f"labels agree with the raw model on {agree}/{len(texts)} texts (service, version {served_version}), "
                         f"{agree_m}/{len(texts)} (mlflow models serve)")
     report.notes.append(f"each level: {warmup:.0f} s warm-up, then {duration:.0f} s measured"
-                        f"{' (throughput: median of three segments)' if duration >= 9 else ''}; service and mlflow interleaved per level; "
+                        f"{' (throughput per third of the window in the JSON file)' if duration >= 9 else ''}; service and mlflow interleaved per level; "
                         f"text mix of {len(texts)} texts, {min(map(len, texts))}-{max(map(len, texts))} characters; "
                         f"raw: best of {trials} x {raw_s:.1f} s per configuration")
     report.notes.append("load generator CPU (s per s, same process for both): "

@@ -163,6 +163,8 @@ def run(lab: Lab, quick: bool) -> AreaReport:
                key="reload_loaded")
     report.add(f"classify p99 during reloads ({CLIENTS} clients)", during_stats.p99_ms, "ms", "steady p99, same load", steady.p99_ms,
                key="p99_during_reload")
+    report.add("classify p99 during reloads, vs between them", during_stats.p99_ms, "ms", "p99 between reloads, same load run",
+               between.p99_ms, key="p99_during_vs_between")
     report.add(f"classify p50 during reloads ({CLIENTS} clients)", during_stats.p50_ms, "ms", "steady p50, same load", steady.p50_ms,
                key="p50_during_reload")
     report.add("non-200 + errors during reloads", float(during_stats.non_200 + during_stats.errors), "count", "steady state",

@@ -55,6 +55,18 @@ class _LoadedModel:
     pad_to_max_length: bool = False
 
 
+def length_groups(lengths: Sequence[int], max_size: int, spread: float = 1.5, slack: int = 8) -> list[list[int]]:
+    """Indices grouped by similar length: sorted, a new group when full or when the next length
+    exceeds `spread` times the group's shortest plus `slack` tokens."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and len(groups[-1]) < max_size and lengths[i] <= lengths[groups[-1][0]] * spread + slack:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def _read_mlmodel(path: Path) -> dict[str, Any]:
     import yaml
 
@@ -284,11 +296,25 @@ class TextClassificationRunner:
         return [{"label": model.labels[i], "score": s} for i, s in zip(indices.tolist(), scores.tolist())]
 
     def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
-        """Classify texts in chunks of `settings.max_batch_size`; one `{"label", "score"}` per text."""
-        step = self.settings.max_batch_size
-        results: list[dict[str, Any]] = []
-        for start in range(0, len(texts), step):
-            results.extend(self.predict_encoded(self.tokenize(texts[start : start + step])))
+        """Classify texts; one `{"label", "score"}` per text, in order.
+
+        Texts are tokenized once, sorted by length and run in groups of similar length (at most
+        `settings.max_batch_size` each): a batch is padded to its longest text, and one long text
+        would otherwise make every short text in its batch as slow as itself.
+        """
+        if not texts:
+            return []
+        model = self._require()
+        if model.pad_to_max_length:  # a program exported for one sequence length: nothing to gain
+            step = self.settings.max_batch_size
+            return [r for start in range(0, len(texts), step) for r in self.predict_encoded(self.tokenize(texts[start:start + step]))]
+        features = model.tokenizer(list(texts), truncation=True, max_length=model.max_length)
+        lengths = [len(ids) for ids in features["input_ids"]]
+        results: list[dict[str, Any]] = [{}] * len(texts)
+        for group in length_groups(lengths, self.settings.max_batch_size):
+            batch = model.tokenizer.pad({key: [values[i] for i in group] for key, values in features.items()}, return_tensors="pt")
+            for i, result in zip(group, self.predict_encoded(batch)):
+                results[i] = result
         return results
 
     def describe(self) -> dict[str, Any]:

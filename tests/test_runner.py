@@ -354,3 +354,16 @@ def test_allow_list_for_fallbacks(published: Published, tmp_path: Path) -> None:
         store.fetch(hub)
     hub_allowed = ArtifactStore(_settings(published, tmp_path, allowed_uris=["org/"]))
     assert hub_allowed.fetch(hub) == "org/classifier"  # passed through to from_pretrained
+
+
+def test_length_groups_keep_similar_lengths_together():
+    from runners.runner import length_groups
+
+    lengths = [10, 500, 12, 11, 480, 9, 30]
+    groups = length_groups(lengths, max_size=3)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        assert len(group) <= 3
+        shortest = min(lengths[i] for i in group)
+        assert max(lengths[i] for i in group) <= shortest * 1.5 + 8
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[9, 10, 11], [12], [30], [480, 500]]
