@@ -41,7 +41,7 @@ class FileBackupSource(PayloadSource):
             return None
         except OSError as exc:
             raise SourceUnavailable(self.source_id, f"cannot read {self.path}: {exc}") from exc
-        return self.codec.decode(data, where=f"backup file {self.path}")
+        return self.decode(data, where=f"backup file {self.path}")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -50,7 +50,7 @@ class RedisCacheSource(PayloadSource):
             raise SourceUnavailable(self.source_id, f"{type(exc).__name__}: {exc}") from exc
         if raw is None:
             return None
-        return self.codec.decode(raw, where=f"redis key {self.key!r}")
+        return self.decode(raw, where=f"redis key {self.key!r}")
 
     def store_section(self, section: ModelSection) -> None:
         """Merge one model's section into the cached payload, atomically (WATCH/MULTI, retried by redis-py)."""

@@ -47,7 +47,7 @@ class TrainingAPISource(PayloadSource):
             return None
         if response.status_code != 200:
             raise SourceUnavailable(self.source_id, f"HTTP {response.status_code} from {response.request.url}")
-        return self.codec.decode(response.content, where=f"training API {response.request.url}")
+        return self.decode(response.content, where=f"training API {response.request.url}")
 
     def health(self, models: list[str]) -> LayerHealth:
         start = time.perf_counter()
