@@ -134,7 +134,7 @@ def install_stops(max_minutes: float) -> None:
     signal.signal(signal.SIGTERM, on_term)
 
     def expire() -> None:
-        say(f"[bench] time limit of {max_minutes:.0f} min reached: stopping")
+        say(f"[bench] time limit of {max_minutes:g} min reached: stopping")
         os.kill(os.getpid(), signal.SIGINT)
 
     timer = threading.Timer(max_minutes * 60, expire)
@@ -156,6 +156,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     say(f"[bench] machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory_gib']} GiB, "
         f"load average {machine['loadavg_at_start']}; torch {machine.get('torch')}, bentoml {machine.get('bentoml')}, "
         f"mlflow {machine.get('mlflow')}")
+    code = machine["code"]
+    say(f"[bench] code: commit {code['commit']}" + (f", modified: {', '.join(code['modified'])}" if code["modified"] else ", clean"))
     say(f"[bench] areas: {', '.join(args.areas)}{' (quick)' if args.quick else ''}; results -> {args.out}")
     if dropped:
         say(f"[bench] ignoring these variables of the calling shell: {', '.join(dropped)}")

@@ -1,7 +1,7 @@
 """The hot path: classify throughput and latency at 1, 8 and 32 clients, beside the model's own speed.
 
 Three subjects serve the same registered demo model (version 1):
-- the raw model in this process: `TextClassificationRunner.predict` (tokenize + forward + softmax)
+- the raw model in this process: the artifact loaded with plain transformers, tokenize + forward
   over batches of the text mix; the ceiling is the best of batch sizes 1-32 and torch threads 1 and 2
   (2 threads is the machine's width; taking the best of both can only raise the ceiling);
 - the service, `bentoml serve` with its defaults (one worker, `REGISTRY_TORCH_THREADS` default);
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import httpx
@@ -28,21 +29,45 @@ RAW_BATCHES = (1, 8, 16, 32)
 RAW_THREADS = (1, 2)
 
 
-def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int) -> dict[str, Any]:
-    """texts/s of the runner in this process per torch thread count and batch size, best of `trials`.
+class RawModel:
+    """The registered artifact as plain transformers objects: tokenize + forward, nothing of the runner."""
 
-    Each configuration runs `trials` times for `seconds`, interleaved with the others, and keeps its
-    best trial: a ceiling is what the machine can do, and other work on a shared machine only
-    ever lowers a trial. Batches take the mix in order (mixed lengths, padded to the longest), and
-    also sorted by length (little padding: what length-bucketed batching could reach).
+    def __init__(self, lab: Lab):
+        import yaml
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from runners.artifacts import ArtifactStore
+
+        demo = lab.demo()
+        path = Path(ArtifactStore(demo.settings()).fetch(demo.records["1"]))  # the warm artifact cache
+        flavor = yaml.safe_load((path / "MLmodel").read_text())["flavors"]["transformers"]
+        self.tokenizer = AutoTokenizer.from_pretrained(path / "components" / "tokenizer")
+        self.model = AutoModelForSequenceClassification.from_pretrained(path / str(flavor.get("model_binary", "model"))).eval()
+        self.max_length = min(int(getattr(self.tokenizer, "model_max_length", 512) or 512), 512)
+        self.labels = self.model.config.id2label
+
+    def predict(self, texts: list[str]) -> list[str]:
+        import torch
+
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        with torch.inference_mode():
+            indices = self.model(**encoded).logits.softmax(dim=-1).argmax(dim=-1)
+        return [self.labels[i] for i in indices.tolist()]
+
+
+def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int) -> dict[str, Any]:
+    """texts/s of the plain model in this process per torch thread count and batch size, best of `trials`.
+
+    The raw model is the artifact loaded with transformers directly, so the ceiling does not move
+    with the runner's own batching code. Each configuration runs `trials` times for `seconds`,
+    interleaved with the others, and keeps its best trial: a ceiling is what the machine can do, and
+    other work on a shared machine only ever lowers a trial. Batches take the mix in order (mixed
+    lengths, padded to the longest), and also sorted by length (little padding: what
+    length-grouped batching can reach).
     """
     import torch
 
-    from runners.runner import TextClassificationRunner
-
-    demo = lab.demo()
-    runner = TextClassificationRunner(demo.records["1"], demo.settings(), device="cpu")
-    runner.load()
+    raw = RawModel(lab)
     previous = torch.get_num_threads()
     ordered = sorted(texts, key=len)
     configs = [(t, b, False) for t in RAW_THREADS for b in RAW_BATCHES] + [(t, b, True) for t in RAW_THREADS for b in RAW_BATCHES[1:]]
@@ -52,7 +77,7 @@ def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int) -> dict
             for threads, batch, by_length in configs:
                 torch.set_num_threads(threads)
                 source = ordered if by_length else texts
-                runner.predict(source[:batch])  # warm this shape
+                raw.predict(source[:batch])  # warm this shape
                 done, i, batch_times = 0, 0, []
                 start = time.perf_counter()
                 while time.perf_counter() - start < seconds:
@@ -60,7 +85,7 @@ def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int) -> dict
                     chunk = (source + source)[lo:lo + batch]
                     i += 1
                     t0 = time.perf_counter()
-                    runner.predict(chunk)
+                    raw.predict(chunk)
                     batch_times.append(time.perf_counter() - t0)
                     done += len(chunk)
                 rate = done / (time.perf_counter() - start)
@@ -70,10 +95,9 @@ def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int) -> dict
                 if rate >= row.get("texts_per_s", 0):
                     row.update(texts_per_s=rate, batch_ms_median=sorted(batch_times)[len(batch_times) // 2] * 1000)
         torch.set_num_threads(max(RAW_THREADS))
-        labels = [p["label"] for p in runner.predict(texts)]
+        labels = raw.predict(texts)
     finally:
         torch.set_num_threads(previous)
-        runner.close()
     return {"runs": results, "labels": labels}
 
 
@@ -147,7 +171,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
                note=f"batch {raw_1t['batch']}", key="raw_1thread")
     report.add("raw model, length-sorted batches", bucketed["texts_per_s"], "texts/s", "raw ceiling", ceiling["texts_per_s"],
                note=f"{bucketed['threads']} thread(s), batch {bucketed['batch']}; the mix sorted by length, so a batch pads little "
-                    "(what length-bucketed batching could reach; not part of the ceiling)", key="raw_sorted")
+                    "(what length-grouped batching can reach; not part of the ceiling)", key="raw_sorted")
     for c in LEVELS:
         s, m = service[c], mlflow[c]
         report.add(f"service throughput, {c} clients, vs ceiling", s.rps, "req/s", "raw ceiling", ceiling["texts_per_s"],

@@ -142,6 +142,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+    info["code"] = code_version()
     try:
         import torch
 
@@ -156,6 +157,22 @@ def machine_info() -> dict[str, Any]:
         except Exception:  # a missing package is reported as absent, not fatal
             info[package] = None
     return info
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured and the files that differ from it (read-only git queries)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            # --no-optional-locks: `status` must not refresh (write) the index
+            return subprocess.run(["git", "--no-optional-locks", *args], capture_output=True, text=True, timeout=10,
+                                  check=False).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if len(line) > 3]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None, "modified": changed}
 
 
 # -- printing -----------------------------------------------------------------------------------

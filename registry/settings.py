@@ -100,8 +100,11 @@ class RegistrySettings(BaseSettings):
     max_text_chars: int = Field(20_000, ge=1)
     """Most characters in one text of a classify request."""
 
-    max_batch_size: int = Field(32, ge=1)
-    """Largest batch the model sees at once."""
+    max_batch_size: int = Field(8, ge=1)
+    """Most texts in one forward pass (texts of similar length are grouped; on CPU small groups win)."""
+
+    batch_window: int = Field(32, ge=1)
+    """Most texts the batcher gathers from queued requests at once, before grouping them by length."""
 
     torch_threads: int = Field(1, ge=1)
     """Torch threads per worker; one per worker keeps a shared 2-core machine from thrashing."""

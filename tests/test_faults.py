@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from pathlib import Path
 from collections import Counter
 from typing import Optional
 
@@ -347,25 +348,25 @@ def test_backup_disk_full_or_read_only(stack):
 
 
 def test_concurrent_publishers_lose_no_version(stack, tmp_path):
-    """Two publishers at once, racing a reload: cache and backup end with every version."""
-    settings = settings_for(tmp_path, mlflow_uri=stack["mlflow"].url, redis_url=f"redis://127.0.0.1:{stack['redis'].port}/0",
-                            signing_key=KEY, backup_path=tmp_path / "shared-backup.json")
-    results: list = []
-    errors: list = []
+    """Two publisher processes at once, racing a reload: cache and backup end with every version."""
+    import os
+    import sys
 
-    def publish(seed: int) -> None:
-        try:
-            results.append(publish_tiny(settings, "racing", seed, f1=0.5))
-        except Exception as exc:
-            errors.append(exc)
+    from tests.helpers import save_hf_dir
+    from tests.servers import QUIET_ENV
 
-    threads = [threading.Thread(target=publish, args=(seed,)) for seed in (51, 52)]
-    for t in threads:
-        t.start()
-    reload(stack["service"], alias="best")
-    for t in threads:
-        t.join(timeout=300)
-    assert errors == [] and len(results) == 2
+    env = {**os.environ, **QUIET_ENV, "MLFLOW_TRACKING_URI": stack["mlflow"].url, "REGISTRY_SIGNING_KEY": KEY,
+           "REGISTRY_REDIS_URL": f"redis://127.0.0.1:{stack['redis'].port}/0", "REGISTRY_BACKUP_PATH": str(tmp_path / "shared-backup.json")}
+    publishers = [
+        subprocess.Popen([sys.executable, "-m", "training.cli", "publish", "--name", "racing", "--metric", "f1=0.5",
+                          "--model-dir", str(save_hf_dir(tmp_path / f"hf{seed}", seed))],
+                         env=env, cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for seed in (51, 52)
+    ]
+    assert reload(stack["service"], alias="best").status_code == 200
+    for proc in publishers:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
     cached = PayloadCodec(KEY).decode(redis.Redis(port=stack["redis"].port).get(CACHE_KEY), "redis")
     backup = PayloadCodec(KEY).decode((tmp_path / "shared-backup.json").read_bytes(), "file")
     for payload in (cached, backup):
