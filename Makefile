@@ -43,7 +43,7 @@ serve: demo-model
 training-api: setup
 	$(BIN)/python -m training.api
 
-# Benchmarks beside their baselines (issue 5): make bench BENCH_ARGS='--quick --only resolution,hotpath'
+# Benchmarks beside their baselines: make bench BENCH_ARGS='--quick --only resolution,hotpath'
 bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
 

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from registry.digest import tree_sha256
+from registry.sources.mlflow_registry import mlflow_uris
 from registry.errors import ArtifactError
 from registry.record import ModelRecord
 from registry.settings import RegistrySettings
@@ -212,11 +213,12 @@ class ArtifactStore:
             tracking_uri = self.settings.mlflow_tracking_uri
             try:
                 (dst / "registry").mkdir(parents=True)
-                local = Path(
-                    mlflow.artifacts.download_artifacts(
-                        artifact_uri=record.model_uri, dst_path=str(dst / "registry"), tracking_uri=tracking_uri, registry_uri=tracking_uri
+                with mlflow_uris(tracking_uri):
+                    local = Path(
+                        mlflow.artifacts.download_artifacts(
+                            artifact_uri=record.model_uri, dst_path=str(dst / "registry"), tracking_uri=tracking_uri, registry_uri=tracking_uri
+                        )
                     )
-                )
                 (local / _REGISTERED_MODEL_META).unlink(missing_ok=True)
                 logger.info("[MLFLOW] downloaded %s v%s from %s", record.name, record.version, record.model_uri)
                 return local

@@ -11,22 +11,19 @@ What the seed's `save_model_registry` and `_add_model_aliases` meant, for MLflow
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from registry.digest import tree_sha256
 from registry.errors import PublishError, SourceUnavailable
 from registry.record import BEST, ModelRecord
 from registry.settings import RegistrySettings
 from registry.sources.file_backup import FileBackupSource
-from registry.sources.mlflow_registry import TAG_ARTIFACT_URI, TAG_METRICS, TAG_SHA256, MLflowRegistrySource
+from registry.sources.mlflow_registry import TAG_ARTIFACT_URI, TAG_METRICS, TAG_SHA256, MLflowRegistrySource, mlflow_uris
 from registry.sources.redis_cache import RedisCacheSource
 
 logger = logging.getLogger(__name__)
@@ -110,34 +107,6 @@ def _log_model(flavor: str, model: Any, tokenizer: Any, registered: str) -> Any:
         )
 
 
-#: MLflow's fluent API (runs, tracking URI) is process-wide state: one publish at a time per process.
-#: Publishers in separate processes race for real; the cache and backup merges are built for that.
-_FLUENT_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def _fluent_uris(uri: Optional[str]) -> Iterator[None]:
-    """Point MLflow's fluent API at `uri` for one publish; `mlflow.set_tracking_uri` also writes
-    `MLFLOW_TRACKING_URI` into the environment, which every subprocess started later would inherit."""
-    import mlflow
-
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved = {k: os.environ.get(k) for k in names}
-    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _beats(new: Mapping[str, float], old: Mapping[str, float], metric: str, greater_is_better: bool) -> bool:
     if metric not in new:
         return False
@@ -175,7 +144,7 @@ class Publisher:
             raise PublishError(f"unknown flavor {flavor!r}; use one of {', '.join(FLAVORS)}")
         registered = self.mlflow.registered_name(name)
         client = self.mlflow.client
-        with _FLUENT_LOCK, _fluent_uris(self.settings.mlflow_tracking_uri):
+        with mlflow_uris(self.settings.mlflow_tracking_uri):
             return self._publish(name, registered, client, model, tokenizer, metrics, flavor, primary_metric, greater_is_better, params)
 
     def _publish(self, name: str, registered: str, client: Any, model: Any, tokenizer: Any, metrics: Mapping[str, float],
