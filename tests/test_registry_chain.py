@@ -155,14 +155,19 @@ def test_file_backup_answers_pinned_alias_when_mlflow_is_down(full_settings):
     assert res.record.source == "file" and res.record.version == "1"
 
 
-def test_hanging_training_api_is_bounded_by_its_timeout(full_settings, training_api_srv):
-    training_api_srv.pause()
+def resolve_while_paused(server, settings):
+    """Resolve `latest` while `server` is stopped with SIGSTOP (it accepts connections, never answers)."""
+    server.pause()
     try:
         start = time.monotonic()
-        res = Resolver.from_settings(full_settings).resolve(MODEL, "latest")
-        elapsed = time.monotonic() - start
+        res = Resolver.from_settings(settings).resolve(MODEL, "latest")
+        return res, time.monotonic() - start
     finally:
-        training_api_srv.resume()
+        server.resume()
+
+
+def test_hanging_training_api_is_bounded_by_its_timeout(full_settings, training_api_srv):
+    res, elapsed = resolve_while_paused(training_api_srv, full_settings)
     assert outcomes(res)[:3] == [("redis", "miss"), ("training_api", "unavailable"), ("mlflow", "hit")]
     assert "Timeout" in res.trail[1].detail
     assert elapsed < 8, f"a hanging layer held the resolution for {elapsed:.1f}s"
@@ -170,14 +175,7 @@ def test_hanging_training_api_is_bounded_by_its_timeout(full_settings, training_
 
 def test_hanging_mlflow_is_bounded_by_its_timeout(full_settings, mlflow_srv):
     Resolver.from_settings(full_settings.model_copy(update={"redis_url": None, "training_api_url": None})).resolve(MODEL, "latest")
-    settings = full_settings.model_copy(update={"training_api_url": None})
-    mlflow_srv.pause()
-    try:
-        start = time.monotonic()
-        res = Resolver.from_settings(settings).resolve(MODEL, "latest")
-        elapsed = time.monotonic() - start
-    finally:
-        mlflow_srv.resume()
+    res, elapsed = resolve_while_paused(mlflow_srv, full_settings.model_copy(update={"training_api_url": None}))
     assert outcomes(res) == [("redis", "miss"), ("mlflow", "unavailable"), ("file", "hit")]
     assert elapsed < 10, f"a hanging MLflow held the resolution for {elapsed:.1f}s"
 
