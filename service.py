@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import threading
 import time
 from typing import Any, Optional
@@ -28,7 +27,6 @@ from registry.errors import (
     ModelNotResolvable,
     ReloadFailed,
     SelectorError,
-    SettingsError,
     UnknownModel,
 )
 from registry.record import Selector
@@ -37,19 +35,6 @@ from registry.settings import RegistrySettings
 from runners.manager import ModelManager
 
 logger = logging.getLogger("service")
-
-
-def _workers_from_env() -> int:
-    """BentoML reads `workers` from the decorator when this module is imported; it is the one
-    setting that has to be read at import time (and is frozen into a bento at build time)."""
-    raw = os.environ.get("REGISTRY_WORKERS", "1")
-    try:
-        workers = int(raw)
-        if workers < 1:
-            raise ValueError
-    except ValueError as exc:
-        raise SettingsError("REGISTRY_WORKERS", raw, "must be a positive integer") from exc
-    return workers
 
 
 def error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -107,7 +92,9 @@ class JSONOnly:
 
 @bentoml.service(
     name="security_classifier",
-    workers=_workers_from_env(),
+    # BentoML reads `workers` when this module is imported (and freezes it into a bento at build
+    # time): the one setting read at import, through the same settings object as everything else.
+    workers=RegistrySettings.from_env().workers,
     traffic={"timeout": 300, "max_concurrency": 512},
 )
 @bentoml.asgi_app(admin_app, path="/")
@@ -237,12 +224,12 @@ class SecurityClassifier:
     # -- admin and introspection (FastAPI, mounted) -----------------------------------------------
     @admin_app.get("/models")
     def models(self) -> JSONResponse:
-        served = self.manager.served()
+        served, errors = self.manager.served(), self.manager.errors()
         body = {
             "worker": self.worker,
             "ready": self.manager.ready(),
             "models": {
-                name: served[name].describe() if name in served else {"name": name, "loaded": False, "error": self.manager.errors().get(name)}
+                name: served[name].describe() if name in served else {"name": name, "loaded": False, "error": errors.get(name)}
                 for name in self.manager.names
             },
         }

@@ -36,10 +36,6 @@ REPO = Path(__file__).resolve().parent.parent
 #: Git-ignored (`/data/`): the demo model and its artifact cache persist here between runs.
 DATA = REPO / "data" / "bench"
 
-#: `mlflow.set_tracking_uri` / `set_registry_uri` (called by the publisher) export these to the
-#: environment, where every later subprocess would inherit the last store published to.
-MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-
 TINY_MODEL = "bench"
 CACHE_KEY = "bench:model_registry"
 
@@ -112,7 +108,6 @@ class Lab:
             for seed, f1 in ((1, 0.7), (2, 0.8)):
                 result = publish_tiny(settings, TINY_MODEL, seed, f1)
                 records[result.record.version] = result.record
-            forget_mlflow_uris()
             self._tiny = TinyRegistry(TINY_MODEL, self.redis_url, CACHE_KEY, mlflow.url, settings.backup_path, records)
         return self._tiny
 
@@ -132,7 +127,6 @@ class Lab:
     def demo(self) -> DemoModel:
         if self._demo is None:
             self._demo = ensure_demo_model(DATA / "demo", say=self.say)
-            forget_mlflow_uris()
         return self._demo
 
     # -- the service under test -------------------------------------------------------------------
@@ -172,11 +166,6 @@ class Lab:
         server = ManagedServer("mlflow-models-serve", argv, port, self.log_dir, env=env, cwd=self.run_dir,
                                ready=http_ok(f"http://127.0.0.1:{port}/ping"), start_timeout=240)
         return self.own(server).start()
-
-
-def forget_mlflow_uris() -> None:
-    for name in MLFLOW_URI_VARIABLES:
-        os.environ.pop(name, None)
 
 
 def rss_mib(pid: int) -> Optional[float]:

@@ -295,8 +295,7 @@ class FileReloadBus(ReloadBus):
         return out
 
     def ack(self, generation: int, worker: str, result: dict[str, Any]) -> None:
-        safe = worker.replace("/", "_").replace(":", "_")
-        self._write_json(f"ack-{generation}-{safe}.json", {"worker": worker, **result})
+        self._write_json(f"ack-{generation}-{_file_safe(worker)}.json", {"worker": worker, **result})
 
     def acks(self, generation: int) -> dict[str, dict[str, Any]]:
         out = {}
@@ -307,8 +306,7 @@ class FileReloadBus(ReloadBus):
         return out
 
     def heartbeat(self, worker: str) -> None:
-        safe = worker.replace("/", "_").replace(":", "_")
-        self._write_json(f"worker-{safe}.json", {"worker": worker, "at": time.time()})
+        self._write_json(f"worker-{_file_safe(worker)}.json", {"worker": worker, "at": time.time()})
 
     def live_workers(self) -> list[str]:
         now = time.time()
@@ -321,3 +319,7 @@ class FileReloadBus(ReloadBus):
                 else:
                     path.unlink(missing_ok=True)
         return sorted(live)
+
+
+def _file_safe(worker: str) -> str:
+    return worker.replace("/", "_").replace(":", "_")

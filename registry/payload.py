@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from registry.errors import PayloadError
 from registry.record import BEST, ModelRecord, Selector
@@ -164,6 +164,15 @@ class RegistryPayload:
         )
         return ModelSection(name=name, latest=latest, best=best, versions=versions)
 
+    @classmethod
+    def from_sections(cls, sections: Iterable[ModelSection], where: str = "payload") -> "RegistryPayload":
+        """A payload holding exactly these sections, built in one pass."""
+        data: dict[str, Any] = {key: {} for key in SECTIONS}
+        for section in sections:
+            data = _put_section(data, section)
+        data["timestamp"] = utc_now()
+        return cls(data, where)
+
     def merge_section(self, section: ModelSection) -> "RegistryPayload":
         """A copy with the section merged over what this payload holds for the model (see `merged_with`)."""
         try:
@@ -174,13 +183,18 @@ class RegistryPayload:
 
     def with_section(self, section: ModelSection) -> "RegistryPayload":
         """A copy with one model's section replaced (the others kept as they are)."""
-        data = {key: dict(self.raw.get(key) or {}) for key in SECTIONS}
-        entries = section.entries()
-        for key, value in (("latest_models", entries["latest"]), ("best_models", entries["best"])):
-            if value is None:
-                data[key].pop(section.name, None)
-            else:
-                data[key][section.name] = value
-        data["versions"][section.name] = entries["versions"]
+        data = _put_section({key: dict(self.raw.get(key) or {}) for key in SECTIONS}, section)
         data["timestamp"] = utc_now()
         return RegistryPayload(data, self.where)
+
+
+def _put_section(data: dict[str, Any], section: ModelSection) -> dict[str, Any]:
+    """Set one model's entries in the (already copied) section dicts of `data`."""
+    entries = section.entries()
+    for key, value in (("latest_models", entries["latest"]), ("best_models", entries["best"])):
+        if value is None:
+            data[key].pop(section.name, None)
+        else:
+            data[key][section.name] = value
+    data["versions"][section.name] = entries["versions"]
+    return data

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Optional
 
 from registry.errors import PayloadError, SelectorError, safe_repr
@@ -159,7 +159,7 @@ class ModelRecord:
         return data
 
     def with_source(self, source: str) -> "ModelRecord":
-        return ModelRecord(**{**self.to_dict(), "aliases": self.aliases, "source": source})
+        return replace(self, source=source)
 
     @classmethod
     def from_entry(cls, entry: object, *, source: str, name: Optional[str] = None, where: str = "entry") -> "ModelRecord":

@@ -22,6 +22,7 @@ from registry.sources.base import Answer, CircuitBreaker, LayerHealth, RegistryS
 from registry.sources.file_backup import FileBackupSource
 from registry.sources.huggingface import HuggingFaceFallbackSource
 from registry.sources.mlflow_registry import MLflowRegistrySource
+from registry.sources.payload_source import write_all
 from registry.sources.redis_cache import RedisCacheSource
 from registry.sources.training_api import TrainingAPISource
 
@@ -103,9 +104,7 @@ class Resolver:
             breaker.record_success()
             source.note_success()
             if answer is None:
-                detail = "custom aliases are answered by MLflow" \
-                    if selector.kind == "alias" and selector.value != "best" and source.source_id in ("redis", "training_api") else ""
-                trail.append(LayerAttempt(source.source_id, Outcome.MISS, _ms(start), detail))
+                trail.append(LayerAttempt(source.source_id, Outcome.MISS, _ms(start), source.miss_detail(selector)))
                 continue
             trail.append(LayerAttempt(source.source_id, Outcome.HIT, _ms(start), f"version {answer.record.version}"))
             stale = self._stale_instead(name, selector, answer, trail)
@@ -156,15 +155,10 @@ class Resolver:
         return Resolution(last.record, (*trail, attempt), selector, last.fetched_at, stale=True)
 
     def _write_back(self, answer: Answer) -> None:
-        if answer.section is None or answer.record.source not in WRITE_BACK_FROM:
+        section = answer.section
+        if section is None or answer.record.source not in WRITE_BACK_FROM:
             return
-        for target in (self.cache, self.backup):
-            if target is None:
-                continue
-            try:
-                target.store_section(answer.section)
-            except SourceUnavailable as exc:
-                target.note_failure("write-back failed", exc.reason)
+        write_all((self.cache, self.backup), lambda target: target.store_section(section), "write-back failed")
 
     def health(self, models: Sequence[str]) -> list[LayerHealth]:
         """Every layer's health, asked in parallel so one slow layer does not add to the others."""

@@ -6,6 +6,7 @@ answers, so in-flight requests finish on the version they started on and report 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -132,7 +133,7 @@ class ModelManager:
         if previous is not None and previous.record.version == record.version and previous.record.source != "huggingface" \
                 and record.source != "huggingface" and previous.record.sha256 == record.sha256:
             # Same version already serving: keep it (and its warm state), refresh what we know.
-            current = ServedModel(previous.runner, resolution, previous.batcher, previous.loaded_at)
+            current = dataclasses.replace(previous, resolution=resolution, pending_version=None)
             self._served[name] = current
             return previous, current
         start = time.perf_counter()
@@ -190,10 +191,10 @@ class ModelManager:
             if pending:
                 logger.warning("[HYBRID] registry reachable again: %s@%s is now version %s (serving %s); POST /reload to switch",
                                name, fresh.selector, pending, served.record.version)
-                self._served[name] = ServedModel(served.runner, served.resolution, served.batcher, served.loaded_at, pending)
+                self._served[name] = dataclasses.replace(served, pending_version=pending)
             else:
                 logger.info("[HYBRID] registry reachable again: %s version %s confirmed", name, served.record.version)
-                self._served[name] = ServedModel(served.runner, fresh, served.batcher, served.loaded_at)
+                self._served[name] = dataclasses.replace(served, resolution=fresh, pending_version=None)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -13,6 +13,7 @@ import time
 from typing import Optional
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -23,6 +24,7 @@ from registry.settings import RegistrySettings
 from registry.signing import PayloadCodec
 from registry.sources.file_backup import FileBackupSource
 from registry.sources.mlflow_registry import MLflowRegistrySource
+from registry.sources.payload_source import write_all
 from registry.sources.redis_cache import RedisCacheSource
 
 logger = logging.getLogger(__name__)
@@ -52,13 +54,7 @@ class TrainingRegistry:
         if self.mlflow is not None:
             try:
                 fresh = self.mlflow.payload()
-                for target in (self.cache, self.backup):
-                    if target is None:
-                        continue
-                    try:
-                        target.store_payload(fresh)
-                    except SourceUnavailable as exc:
-                        logger.warning("%s refresh failed: %s", target.tag, exc.reason)
+                write_all((self.cache, self.backup), lambda target: target.store_payload(fresh), "refresh failed")
                 return fresh, "mlflow", problems
             except SourceUnavailable as exc:
                 logger.warning("[MLFLOW] %s", exc)
@@ -82,16 +78,12 @@ def create_app(settings: Optional[RegistrySettings] = None) -> Starlette:
 
     async def models_latest(request: Request) -> Response:
         # Blocking clients run in Starlette's thread pool, never on the event loop.
-        from starlette.concurrency import run_in_threadpool
-
         payload, source, problems = await run_in_threadpool(registry.payload)
         if payload is None:
             return JSONResponse({"error": "no registry data available", "layers": problems}, status_code=503)
         return Response(registry.codec.encode(payload), media_type="application/json", headers={"X-Registry-Source": source})
 
     async def health(request: Request) -> Response:
-        from starlette.concurrency import run_in_threadpool
-
         start = time.perf_counter()
         models = settings.models or None
         checks = [s for s in (registry.cache, registry.mlflow, registry.backup) if s is not None]

@@ -20,10 +20,11 @@ from typing import Any, Mapping, Optional
 
 from registry.digest import tree_sha256
 from registry.errors import PublishError, SourceUnavailable
-from registry.record import BEST, ModelRecord
+from registry.record import BEST, ModelRecord, Selector
 from registry.settings import RegistrySettings
 from registry.sources.file_backup import FileBackupSource
 from registry.sources.mlflow_registry import TAG_ARTIFACT_URI, TAG_METRICS, TAG_SHA256, MLflowRegistrySource, mlflow_uris
+from registry.sources.payload_source import write_all
 from registry.sources.redis_cache import RedisCacheSource
 
 logger = logging.getLogger(__name__)
@@ -168,9 +169,11 @@ class Publisher:
             client.set_model_version_tag(registered, version, TAG_SHA256, sha256)
             client.set_model_version_tag(registered, version, TAG_ARTIFACT_URI, artifact_uri)
             client.set_model_version_tag(registered, version, TAG_METRICS, json.dumps(clean_metrics, sort_keys=True))
-            best_moved, previous_best = self._move_best(registered, version, clean_metrics, primary_metric, greater_is_better)
+            best_moved, previous_best = self._move_best(name, version, clean_metrics, primary_metric, greater_is_better)
         except MlflowException as exc:
             raise PublishError(f"[MLFLOW] publishing {registered}: {exc.message}") from exc
+        except SourceUnavailable as exc:
+            raise PublishError(f"[MLFLOW] publishing {registered}: {exc.reason}") from exc
         logger.info(
             "[MLFLOW] registered %s version %s (run %s, sha256 %s…)%s",
             registered, version, run.info.run_id, sha256[:12], f"; alias best -> {version}" if best_moved else "",
@@ -196,41 +199,23 @@ class Publisher:
                     raise
         mlflow.set_experiment(name)
 
-    def _move_best(self, registered: str, version: str, metrics: Mapping[str, float], metric: str, greater: bool) -> tuple[bool, Optional[str]]:
-        from mlflow.exceptions import MlflowException
-
-        client = self.mlflow.client
-        try:
-            current = client.get_model_version_by_alias(registered, BEST)
-        except MlflowException:
-            current = None
-        if current is not None and str(current.version) == version:
+    def _move_best(self, name: str, version: str, metrics: Mapping[str, float], metric: str, greater: bool) -> tuple[bool, Optional[str]]:
+        # The current best as the MLflow layer reads it: metrics from our tag, or from its run.
+        answer = self.mlflow.lookup(name, Selector("alias", BEST))
+        current = answer.record if answer else None
+        if current is not None and current.version == version:
             return False, version
-        old_metrics: dict[str, float] = {}
-        if current is not None:
-            try:
-                old_metrics = json.loads((current.tags or {}).get(TAG_METRICS, "{}"))
-            except json.JSONDecodeError:
-                old_metrics = {}
-            if not old_metrics and current.run_id:
-                old_metrics = dict(client.get_run(current.run_id).data.metrics)
-        if current is None or _beats(metrics, old_metrics, metric, greater):
-            client.set_registered_model_alias(registered, BEST, version)
-            return True, None if current is None else str(current.version)
-        return False, str(current.version)
+        if current is None or _beats(metrics, current.metrics, metric, greater):
+            self.mlflow.client.set_registered_model_alias(self.mlflow.registered_name(name), BEST, version)
+            return True, current.version if current else None
+        return False, current.version
 
     def refresh(self, name: str, version: Optional[str] = None) -> ModelRecord:
         """Rebuild the model's section from MLflow and write it to the cache and the backup."""
         section = self.mlflow.section(name)
         if section is None:
             raise PublishError(f"model {name!r} is not registered in MLflow")
-        for target in (self.cache, self.backup):
-            if target is None:
-                continue
-            try:
-                target.store_section(section)
-            except SourceUnavailable as exc:
-                logger.warning("%s refresh of %s after publishing %s failed: %s", target.tag, target.source_id, name, exc.reason)
+        write_all((self.cache, self.backup), lambda target: target.store_section(section), "refresh after publishing failed")
         wanted = version or (section.latest.version if section.latest else None)
         return next(r for r in section.versions if r.version == wanted)
 

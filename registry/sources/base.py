@@ -69,6 +69,10 @@ class RegistrySource(abc.ABC):
     def health(self, models: list[str]) -> LayerHealth:
         """Reachability, latency and what the layer holds for each model."""
 
+    def miss_detail(self, selector: Selector) -> str:
+        """Why a miss may be no news (shown in the trail); the default says nothing."""
+        return ""
+
     def close(self) -> None:
         """Release connections; the default holds none."""
 

@@ -8,13 +8,12 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from registry.errors import PayloadError, SourceUnavailable
 from registry.payload import ModelSection, RegistryPayload
 from registry.settings import RegistrySettings
 from registry.signing import PayloadCodec
-from registry.sources.base import LayerHealth, payload_summary
 from registry.sources.payload_source import PayloadSource
 
 
@@ -56,6 +55,13 @@ class FileBackupSource(PayloadSource):
 
     def store_section(self, section: ModelSection) -> None:
         """Merge one model's section into the file (read-merge-write under a lock)."""
+        self._store(lambda current: current.merge_section(section))
+
+    def store_payload(self, payload: RegistryPayload) -> None:
+        self._store(lambda _: payload)
+
+    def _store(self, update: Callable[[RegistryPayload], RegistryPayload]) -> None:
+        """Under the lock: read what the file holds (a corrupt file is kept aside), update, write atomically."""
         try:
             with self._locked():
                 try:
@@ -64,16 +70,7 @@ class FileBackupSource(PayloadSource):
                     aside = self._quarantine()
                     self.logger.warning("%s backup file %s was corrupt (%s); kept as %s", self.tag, self.path, exc, aside)
                     current = RegistryPayload.empty()
-                self._write(current.merge_section(section))
-        except OSError as exc:
-            self.last_write_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {exc}"
-            raise SourceUnavailable(self.source_id, f"cannot write {self.path}: {exc}") from exc
-        self.last_write_error = None
-
-    def store_payload(self, payload: RegistryPayload) -> None:
-        try:
-            with self._locked():
-                self._write(payload)
+                self._write(update(current))
         except OSError as exc:
             self.last_write_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {exc}"
             raise SourceUnavailable(self.source_id, f"cannot write {self.path}: {exc}") from exc
@@ -103,14 +100,8 @@ class FileBackupSource(PayloadSource):
         finally:
             os.close(dir_fd)
 
-    def health(self, models: list[str]) -> LayerHealth:
-        start = time.perf_counter()
-        try:
-            payload = self.load_payload()
-        except (SourceUnavailable, PayloadError) as exc:
-            return LayerHealth(self.source_id, isinstance(exc, PayloadError), (time.perf_counter() - start) * 1000, str(exc))
-        elapsed = (time.perf_counter() - start) * 1000
+    def health_detail(self, payload: Optional[RegistryPayload]) -> str:
         detail = f"{self.path} " + ("absent" if payload is None else f"timestamp {payload.timestamp}")
         if self.last_write_error:
             detail += f"; last write failed at {self.last_write_error}"
-        return LayerHealth(self.source_id, True, elapsed, detail, payload_summary(payload, models, self.source_id))
+        return detail

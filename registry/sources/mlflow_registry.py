@@ -9,6 +9,7 @@ get their metrics and storage location with one or two extra calls, for the sele
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -194,9 +195,7 @@ class MLflowRegistrySource(RegistrySource):
             changes["artifact_uri"] = self._call(
                 "get_model_version_download_uri", self.client.get_model_version_download_uri, registered, record.version
             )
-        if not changes:
-            return record
-        return ModelRecord(**{**record.to_dict(), "aliases": record.aliases, **changes})
+        return dataclasses.replace(record, **changes) if changes else record
 
     def lookup(self, name: str, selector: Selector) -> Optional[Answer]:
         section = self.section(name)
@@ -223,15 +222,12 @@ class MLflowRegistrySource(RegistrySource):
         versions_by_model: dict[str, list["ModelVersion"]] = {}
         for mv in self._search_versions(f"name LIKE '{self.prefix}%'"):
             versions_by_model.setdefault(mv.name, []).append(mv)
-        payload = RegistryPayload.empty()
-        for model in models:
-            name = model.name[len(self.prefix):]
-            if names is not None and name not in names:
-                continue
-            section = self._section(name, model.aliases, versions_by_model.get(model.name, []))
-            if section is not None:
-                payload = payload.with_section(section)
-        return RegistryPayload(payload.raw, where="mlflow")
+        sections = (
+            self._section(model.name[len(self.prefix):], model.aliases, versions_by_model.get(model.name, []))
+            for model in models
+            if names is None or model.name[len(self.prefix):] in names
+        )
+        return RegistryPayload.from_sections((s for s in sections if s is not None), where="mlflow")
 
     def health(self, models: list[str]) -> LayerHealth:
         start = time.perf_counter()

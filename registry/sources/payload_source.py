@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import abc
-from typing import Optional
+import time
+from typing import Callable, Iterable, Optional
 
+from registry.errors import PayloadError, SourceUnavailable
 from registry.payload import ModelSection, RegistryPayload
-from registry.record import Selector
+from registry.record import BEST, Selector
 from registry.signing import PayloadCodec
-from registry.sources.base import Answer, RegistrySource
+from registry.sources.base import Answer, LayerHealth, RegistrySource, payload_summary
 
 
 class PayloadSource(RegistrySource):
@@ -46,6 +48,25 @@ class PayloadSource(RegistrySource):
     def load_payload(self) -> Optional[RegistryPayload]:
         """The payload, None when the layer holds none; raises SourceUnavailable or PayloadError."""
 
+    def miss_detail(self, selector: Selector) -> str:
+        if selector.kind == "alias" and selector.value != BEST and not self.custom_aliases:
+            return "custom aliases are answered by MLflow"
+        return ""
+
+    def health_detail(self, payload: Optional[RegistryPayload]) -> str:
+        """What the layer says about itself beside the payload (location, TTL, write errors)."""
+        return ""
+
+    def health(self, models: list[str]) -> LayerHealth:
+        start = time.perf_counter()
+        try:
+            payload = self.load_payload()
+        except (SourceUnavailable, PayloadError) as exc:
+            # Garbage means the layer answered: reachable, but what it holds is unusable.
+            return LayerHealth(self.source_id, isinstance(exc, PayloadError), (time.perf_counter() - start) * 1000, str(exc))
+        elapsed = (time.perf_counter() - start) * 1000
+        return LayerHealth(self.source_id, True, elapsed, self.health_detail(payload), payload_summary(payload, models, self.source_id))
+
     def lookup(self, name: str, selector: Selector) -> Optional[Answer]:
         payload = self.load_payload()
         if payload is None:
@@ -55,3 +76,14 @@ class PayloadSource(RegistrySource):
             return None
         record = section.select(selector, custom_aliases=self.custom_aliases)
         return None if record is None else Answer(record, section, as_of=payload.written_at)
+
+
+def write_all(targets: Iterable[Optional[PayloadSource]], write: Callable[[PayloadSource], None], why: str) -> None:
+    """Write to every configured target (cache, backup); one that fails is logged, the others still written."""
+    for target in targets:
+        if target is None:
+            continue
+        try:
+            write(target)
+        except SourceUnavailable as exc:
+            target.note_failure(why, exc.reason)

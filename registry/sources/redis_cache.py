@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import redis
@@ -13,7 +12,6 @@ from registry.errors import PayloadError, SourceUnavailable
 from registry.payload import ModelSection, RegistryPayload
 from registry.settings import RegistrySettings
 from registry.signing import PayloadCodec
-from registry.sources.base import LayerHealth, payload_summary
 from registry.sources.payload_source import PayloadSource
 
 
@@ -75,19 +73,14 @@ class RedisCacheSource(PayloadSource):
         except redis.RedisError as exc:
             raise SourceUnavailable(self.source_id, f"write failed: {type(exc).__name__}: {exc}") from exc
 
-    def health(self, models: list[str]) -> LayerHealth:
-        start = time.perf_counter()
+    def health_detail(self, payload: Optional[RegistryPayload]) -> str:
+        if payload is None:
+            return f"key {self.key!r} absent"
         try:
-            self.client.ping()
-            ttl = self.client.ttl(self.key)
-            payload = self.load_payload()
-        except (SourceUnavailable, PayloadError) as exc:
-            return LayerHealth(self.source_id, isinstance(exc, PayloadError), (time.perf_counter() - start) * 1000, str(exc))
+            ttl = f"ttl {self.client.ttl(self.key)}s"
         except redis.RedisError as exc:
-            return LayerHealth(self.source_id, False, (time.perf_counter() - start) * 1000, f"{type(exc).__name__}: {exc}")
-        elapsed = (time.perf_counter() - start) * 1000
-        detail = f"key {self.key!r} " + ("absent" if payload is None else f"ttl {ttl}s, timestamp {payload.timestamp}")
-        return LayerHealth(self.source_id, True, elapsed, detail, payload_summary(payload, models, self.source_id))
+            ttl = f"ttl unknown ({type(exc).__name__})"
+        return f"key {self.key!r} {ttl}, timestamp {payload.timestamp}"
 
     def close(self) -> None:
         self.client.close()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import httpx
 
-from registry.errors import PayloadError, SourceUnavailable
+from registry.errors import SourceUnavailable
 from registry.payload import RegistryPayload
 from registry.settings import RegistrySettings
 from registry.signing import PayloadCodec
-from registry.sources.base import LayerHealth, payload_summary
 from registry.sources.payload_source import PayloadSource
 
 
@@ -49,14 +47,8 @@ class TrainingAPISource(PayloadSource):
             raise SourceUnavailable(self.source_id, f"HTTP {response.status_code} from {response.request.url}")
         return self.decode(response.content, where=f"training API {response.request.url}")
 
-    def health(self, models: list[str]) -> LayerHealth:
-        start = time.perf_counter()
-        try:
-            payload = self.load_payload()
-        except (SourceUnavailable, PayloadError) as exc:
-            return LayerHealth(self.source_id, isinstance(exc, PayloadError), (time.perf_counter() - start) * 1000, str(exc))
-        elapsed = (time.perf_counter() - start) * 1000
-        return LayerHealth(self.source_id, True, elapsed, self.base_url, payload_summary(payload, models, self.source_id))
+    def health_detail(self, payload: Optional[RegistryPayload]) -> str:
+        return self.base_url
 
     def close(self) -> None:
         self.client.close()
