@@ -95,3 +95,20 @@ def save_hf_dir(path: Path, seed: int) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def reference_predictions(model, tokenizer, texts: list[str], **tokenizer_args: Any) -> list[tuple[str, float]]:
+    """(label, score) per text, computed with plain transformers in this process: what a server must answer."""
+    import torch
+
+    encoded = tokenizer(texts, return_tensors="pt", **{"padding": True, "truncation": True, **tokenizer_args})
+    with torch.inference_mode():
+        scores, indices = torch.softmax(model(**encoded).logits, dim=-1).max(dim=-1)
+    return [(model.config.id2label[i], s) for i, s in zip(indices.tolist(), scores.tolist())]
+
+
+def tiny_predictions(seed: int, texts: list[str]) -> list[tuple[str, float]]:
+    """What the tiny model published with `seed` answers."""
+    from tests.tiny_models import tiny_classifier
+
+    return reference_predictions(*tiny_classifier(seed), texts)

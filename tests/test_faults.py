@@ -20,10 +20,9 @@ import redis
 
 from registry.payload import RegistryPayload
 from registry.signing import PayloadCodec
-from tests.helpers import publish_tiny, settings_for
+from tests.helpers import publish_tiny, settings_for, tiny_predictions
 from tests.servers import redis_server, training_api
 from tests.service_proc import ServiceProcess
-from tests.test_service_e2e import expected
 
 pytestmark = [pytest.mark.servers, pytest.mark.e2e, pytest.mark.slow]
 
@@ -103,7 +102,7 @@ def stack(tmp_path_factory, server_logs, mlflow_srv, s3_srv):
     service.wait_ready()
     state = {"redis": own_redis, "api": api, "service": service, "mlflow": mlflow_srv, "s3": s3_srv, "root": root,
              "backup": backup_dir / "model_registry.json", "settings": settings,
-             "answers": {v: expected(seed, [PROBE])[0] for v, seed in SEEDS.items()}}
+             "answers": {v: tiny_predictions(seed, [PROBE])[0] for v, seed in SEEDS.items()}}
     try:
         # every version loaded once, so the artifact cache holds all three
         for version in ("2", "3", "1"):
@@ -195,6 +194,7 @@ def test_mlflow_down_and_cache_expired_serves_last_known_then_refreshes(stack):
             assert freshness["stale"] is True and freshness["age_s"] >= 0
             health = service.client.get("/registry/health").json()
             assert health["serving"][MODEL]["registry"]["stale"] is True
+            assert health["signed"] is True
         finally:
             mlflow.resume()
             api.start()
@@ -226,7 +226,7 @@ def test_mlflow_and_s3_paused_cached_version_still_reloads(stack):
 def test_s3_paused_during_reload_of_an_uncached_version(stack, tmp_path):
     service = stack["service"]
     publish_tiny(stack["settings"], MODEL, seed=44, f1=0.1)  # version 4: in S3, never loaded by the service
-    stack["answers"]["4"] = expected(44, [PROBE])[0]
+    stack["answers"]["4"] = tiny_predictions(44, [PROBE])[0]
     assert reload(service, version="3").status_code == 200
     with Load(service.url, stack["answers"]) as load:
         stack["s3"].pause()

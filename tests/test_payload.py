@@ -21,7 +21,7 @@ def test_selector_parsing():
     assert Selector.parse("champion") == Selector("alias", "champion")
     assert Selector.parse("12") == Selector("version", "12")
     assert Selector.parse(12) == Selector("version", "12")
-    for bad in ("", "0", "-1", "a b", "x" * 300, None, True, 1.5, "ümlaut"):
+    for bad in ("", "0", "-1", "a b", "x" * 300, None, True, 1.5, "ümlaut", "LATEST", "v3", "1\u0661", 10**5000):
         with pytest.raises(SelectorError):
             Selector.parse(bad)
     assert Selector.from_request(alias="best", version="3") == Selector("version", "3")

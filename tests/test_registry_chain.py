@@ -135,6 +135,7 @@ def test_selectors(full_settings, selector, version, answered_by):
     if selector == "champion":
         # custom aliases are not answered from cached payloads: they may have moved since
         assert outcomes(res) == [("redis", "miss"), ("training_api", "miss"), ("mlflow", "hit")]
+        assert all(a.detail == "custom aliases are answered by MLflow" for a in res.trail[:2])
         assert "champion" in res.record.aliases
     # the second resolution is a cache hit, except for custom aliases
     again = Resolver.from_settings(full_settings).resolve(MODEL, selector)

@@ -11,7 +11,6 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import pytest
-import torch
 
 from registry.digest import tree_sha256
 from registry.errors import ArtifactError
@@ -19,6 +18,7 @@ from registry.record import ModelRecord
 from registry.settings import RegistrySettings
 from runners import ArtifactStore, TextClassificationRunner
 from runners.runner import FORM_HUGGINGFACE, FORM_PICKLE, FORM_PT2, FORM_TRANSFORMERS
+from tests.helpers import reference_predictions
 from tests.tiny_models import tiny_classifier
 from training.publisher import FLAVORS, PIP_REQUIREMENTS, Publisher, _LogitsOnly
 
@@ -79,12 +79,7 @@ def _settings(published: Published, tmp_path: Path, **changes: Any) -> RegistryS
 
 
 def _reference(published: Published, texts: list[str], **tokenizer_args: Any) -> list[tuple[str, float]]:
-    args = {"padding": True, "truncation": True, "max_length": 128, **tokenizer_args}
-    encoded = published.tokenizer(texts, return_tensors="pt", **args)
-    with torch.inference_mode():
-        probs = torch.softmax(published.model(**encoded).logits, dim=-1)
-    scores, indices = probs.max(dim=-1)
-    return [(published.model.config.id2label[i], s) for i, s in zip(indices.tolist(), scores.tolist())]
+    return reference_predictions(published.model, published.tokenizer, texts, **{"max_length": 128, **tokenizer_args})
 
 
 def _assert_matches(predictions: list[dict[str, Any]], reference: list[tuple[str, float]]) -> None:

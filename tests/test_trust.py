@@ -72,13 +72,6 @@ def test_unsigned_or_wrongly_signed_layers_are_rejected(signed_stack, tmp_path):
     assert "signature does not match" in str(err.value)
 
 
-def test_health_says_whether_the_registry_is_signed(signed_stack):
-    from registry.settings import RegistrySettings
-
-    assert RegistrySettings.from_env(signing_key=KEY).signing_key is not None
-    assert RegistrySettings.from_env(signing_key="").signing_key is None
-
-
 def test_redis_with_password_from_the_url_alone(tmp_path, server_logs, mlflow_srv):
     server = redis_server(server_logs, password="s3cr3t!").start()
     try:
