@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import redis
 from redis.exceptions import LockError
@@ -44,13 +45,38 @@ class CoordinationError(RegistryError):
     """The reload bus (Redis or the local directory) could not be used."""
 
 
+_T = TypeVar("_T")
+
+
+def _local_io(method: Callable[..., _T]) -> Callable[..., _T]:
+    """A local bus whose directory cannot be read or written raises CoordinationError, never a raw OSError."""
+
+    @functools.wraps(method)
+    def wrapper(self: "FileReloadBus", *args: Any, **kwargs: Any) -> _T:
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            raise CoordinationError(f"local reload bus {self.dir}: {type(exc).__name__}: {exc}") from exc
+
+    return wrapper
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+#: An order's kinds: load this exact version; or the registry changed, look again.
+RELOAD = "reload"
+CHANGED = "changed"
+
+
 @dataclass(frozen=True)
 class ReloadOrder:
-    """Load `version` of `model`: what every worker must end on."""
+    """Load `version` of `model`: what every worker must end on (kind `reload`).
+
+    Kind `changed`: the registry changed for `model` (a publisher or an operator said so); one
+    worker that follows the registry claims it and rolls out what the configured selector now names.
+    """
 
     generation: int
     model: str
@@ -58,6 +84,7 @@ class ReloadOrder:
     selector: str
     issued_by: str
     issued_at: float
+    kind: str = RELOAD
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -65,7 +92,7 @@ class ReloadOrder:
     @classmethod
     def from_json(cls, raw: str | bytes) -> "ReloadOrder":
         data = json.loads(raw)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data or k != "kind"})
 
 
 class ReloadBus(abc.ABC):
@@ -78,8 +105,12 @@ class ReloadBus(abc.ABC):
         """Serialise reloads across workers (and replicas)."""
 
     @abc.abstractmethod
-    def announce(self, model: str, version: str, selector: str, issued_by: str) -> ReloadOrder:
+    def announce(self, model: str, version: str, selector: str, issued_by: str, kind: str = RELOAD) -> ReloadOrder:
         """Append an order under the next generation."""
+
+    @abc.abstractmethod
+    def claim(self, key: str, ttl: float) -> bool:
+        """True for exactly one caller per `key` until `ttl` seconds pass (a poll slot, a delivery id)."""
 
     @abc.abstractmethod
     def generation(self) -> int:
@@ -98,12 +129,20 @@ class ReloadBus(abc.ABC):
         """Every outcome recorded for an order, by worker."""
 
     @abc.abstractmethod
-    def heartbeat(self, worker: str) -> None:
-        """Say this worker is alive."""
+    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None) -> None:
+        """Say this worker is alive, and which version of each model it serves."""
 
     @abc.abstractmethod
+    def _live(self) -> dict[str, dict[str, Any]]:
+        """Heartbeats younger than HEARTBEAT_TTL, by worker: {"at", "serving"}."""
+
     def live_workers(self) -> list[str]:
         """Workers that heartbeated within HEARTBEAT_TTL."""
+        return sorted(self._live())
+
+    def serving(self) -> dict[str, dict[str, str]]:
+        """What each live worker (of every replica on this bus) serves: worker -> model -> version."""
+        return {worker: dict(beat.get("serving") or {}) for worker, beat in sorted(self._live().items())}
 
     def close(self) -> None:
         """Release connections."""
@@ -176,9 +215,9 @@ class RedisReloadBus(ReloadBus):
             with contextlib.suppress(redis.RedisError, LockError):
                 lock.release()
 
-    def announce(self, model: str, version: str, selector: str, issued_by: str) -> ReloadOrder:
+    def announce(self, model: str, version: str, selector: str, issued_by: str, kind: str = RELOAD) -> ReloadOrder:
         generation = int(self._call(self.client.incr, f"{self.prefix}:generation"))
-        order = ReloadOrder(generation, model, version, selector, issued_by, time.time())
+        order = ReloadOrder(generation, model, version, selector, issued_by, time.time(), kind)
         pipe = self.client.pipeline()
         pipe.rpush(f"{self.prefix}:log", order.to_json())
         pipe.ltrim(f"{self.prefix}:log", -LOG_LENGTH, -1)
@@ -211,19 +250,26 @@ class RedisReloadBus(ReloadBus):
         raw = self._call(self.client.hgetall, f"{self.prefix}:acks:{generation}")
         return {k.decode(): json.loads(v) for k, v in raw.items()}
 
-    def heartbeat(self, worker: str) -> None:
-        self._call(self.client.hset, f"{self.prefix}:workers", worker, str(time.time()))
+    def claim(self, key: str, ttl: float) -> bool:
+        return bool(self._call(self.client.set, f"{self.prefix}:claim:{key}", worker_id(), nx=True, px=max(1, int(ttl * 1000))))
 
-    def live_workers(self) -> list[str]:
+    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None) -> None:
+        self._call(self.client.hset, f"{self.prefix}:workers", worker, json.dumps({"at": time.time(), "serving": serving or {}}))
+
+    def _live(self) -> dict[str, dict[str, Any]]:
         now = time.time()
         raw = self._call(self.client.hgetall, f"{self.prefix}:workers")
-        live, dead = [], []
+        live, dead = {}, []
         for k, v in raw.items():
-            (live if now - float(v) <= HEARTBEAT_TTL else dead).append(k.decode())
+            beat = _beat(v)
+            if beat is not None and now - beat["at"] <= HEARTBEAT_TTL:
+                live[k.decode()] = beat
+            else:
+                dead.append(k.decode())
         if dead:
             with contextlib.suppress(redis.RedisError):
                 self.client.hdel(f"{self.prefix}:workers", *dead)
-        return sorted(live)
+        return live
 
     def close(self) -> None:
         self.client.close()
@@ -244,7 +290,11 @@ class FileReloadBus(ReloadBus):
     @contextlib.contextmanager
     def _flock(self, name: str, timeout: float = 30.0) -> Iterator[None]:
         deadline = time.monotonic() + timeout
-        with open(self.dir / name, "a") as fh:
+        try:
+            fh = open(self.dir / name, "a")
+        except OSError as exc:
+            raise CoordinationError(f"local reload bus {self.dir}: {exc}") from exc
+        with fh:
             while True:
                 try:
                     fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -274,29 +324,38 @@ class FileReloadBus(ReloadBus):
             json.dump(data, fh)
         os.replace(tmp, self.dir / name)
 
-    def announce(self, model: str, version: str, selector: str, issued_by: str) -> ReloadOrder:
+    @_local_io
+    def announce(self, model: str, version: str, selector: str, issued_by: str, kind: str = RELOAD) -> ReloadOrder:
         with self._flock("orders.lock"):
             data = self._read_log()
-            order = ReloadOrder(int(data["generation"]) + 1, model, version, selector, issued_by, time.time())
+            order = ReloadOrder(int(data["generation"]) + 1, model, version, selector, issued_by, time.time(), kind)
             data["generation"] = order.generation
             data["orders"] = (data.get("orders", []) + [json.loads(order.to_json())])[-LOG_LENGTH:]
             self._write_json("orders.json", data)
         return order
 
+    @_local_io
     def generation(self) -> int:
         return int(self._read_log().get("generation", 0))
 
+    @_local_io
     def orders_after(self, generation: int) -> list[ReloadOrder]:
         out = []
         for raw in self._read_log().get("orders", []):
-            order = ReloadOrder.from_json(json.dumps(raw))
+            try:
+                order = ReloadOrder.from_json(json.dumps(raw))
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.warning("[HYBRID] unreadable reload order skipped: %s", exc)
+                continue
             if order.generation > generation:
                 out.append(order)
         return out
 
+    @_local_io
     def ack(self, generation: int, worker: str, result: dict[str, Any]) -> None:
         self._write_json(f"ack-{generation}-{_file_safe(worker)}.json", {"worker": worker, **result})
 
+    @_local_io
     def acks(self, generation: int) -> dict[str, dict[str, Any]]:
         out = {}
         for path in self.dir.glob(f"ack-{generation}-*.json"):
@@ -305,20 +364,48 @@ class FileReloadBus(ReloadBus):
                 out[data.pop("worker")] = data
         return out
 
-    def heartbeat(self, worker: str) -> None:
-        self._write_json(f"worker-{_file_safe(worker)}.json", {"worker": worker, "at": time.time()})
+    @_local_io
+    def claim(self, key: str, ttl: float) -> bool:
+        with self._flock("claims.lock"):
+            path = self.dir / f"claim-{_file_safe(key)}"
+            try:
+                if time.time() - path.stat().st_mtime < ttl:
+                    return False
+            except FileNotFoundError:
+                pass
+            path.write_text(worker_id())
+            return True
 
-    def live_workers(self) -> list[str]:
+    @_local_io
+    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None) -> None:
+        self._write_json(f"worker-{_file_safe(worker)}.json", {"worker": worker, "at": time.time(), "serving": serving or {}})
+
+    @_local_io
+    def _live(self) -> dict[str, dict[str, Any]]:
         now = time.time()
-        live = []
+        live = {}
         for path in self.dir.glob("worker-*.json"):
-            with contextlib.suppress(FileNotFoundError, ValueError):
+            with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
                 data = json.loads(path.read_text())
                 if now - float(data["at"]) <= HEARTBEAT_TTL:
-                    live.append(data["worker"])
+                    live[str(data["worker"])] = {"at": float(data["at"]), "serving": data.get("serving") or {}}
                 else:
                     path.unlink(missing_ok=True)
-        return sorted(live)
+        return live
+
+
+def _beat(raw: bytes) -> Optional[dict[str, Any]]:
+    """A heartbeat value: JSON {"at", "serving"}, or a bare timestamp (older workers)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(data, (int, float)):
+        return {"at": float(data), "serving": {}}
+    if isinstance(data, dict) and isinstance(data.get("at"), (int, float)):
+        serving = data.get("serving")
+        return {"at": float(data["at"]), "serving": serving if isinstance(serving, dict) else {}}
+    return None
 
 
 def _file_safe(worker: str) -> str:

@@ -116,3 +116,21 @@ class ReloadFailed(RegistryError):
         self.name = name
         self.reason = reason
         super().__init__(f"reload of {name!r} failed, the previous version keeps serving: {reason}")
+
+
+class GateRefused(ReloadFailed):
+    """A version failed the promotion gate: it never serves."""
+
+    def __init__(self, name: str, version: str, figures: dict):
+        self.version = version
+        self.figures = dict(figures)
+        super().__init__(name, f"version {version} refused by the promotion gate: {figures.get('reason', figures)}")
+
+
+class WebhookRejected(RegistryError):
+    """A webhook delivery that is not MLflow's, is stale, or cannot be read; `status` is the HTTP answer."""
+
+    def __init__(self, status: int, reason: str):
+        self.status = status
+        self.reason = reason
+        super().__init__(f"webhook delivery rejected ({status}): {reason}")

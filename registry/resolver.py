@@ -13,9 +13,11 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
-from registry.errors import ModelNotResolvable, PayloadError, SourceRejected, SourceUnavailable
+from registry.allowlist import AllowList
+from registry.errors import ArtifactError, ModelNotResolvable, PayloadError, SourceRejected, SourceUnavailable
+from registry.payload import ModelSection
 from registry.record import LayerAttempt, ModelRecord, Outcome, Resolution, Selector
 from registry.settings import RegistrySettings
 from registry.sources.base import Answer, CircuitBreaker, LayerHealth, RegistrySource
@@ -28,16 +30,9 @@ from registry.sources.training_api import TrainingAPISource
 
 logger = logging.getLogger(__name__)
 
-#: The chain, top to bottom. Each factory returns None when its layer is switched off.
+#: The chain, top to bottom. Each factory returns None when its layer is switched off. What each
+#: layer is (live registry, authority, copy, stand-in) is said by its class attributes.
 CHAIN = (RedisCacheSource, TrainingAPISource, MLflowRegistrySource, FileBackupSource, HuggingFaceFallbackSource)
-
-#: Layers whose answers are authoritative registry data worth copying into the cache and backup.
-#: A file hit is not copied into Redis: promoting a disaster-recovery copy into the shared cache
-#: would hide MLflow's recovery from every replica for a whole TTL.
-WRITE_BACK_FROM = frozenset({"training_api", "mlflow"})
-
-#: Layers that speak for the live registry; below them sit the backup and the pretrained fallback.
-REGISTRY_LAYERS = ("redis", "training_api", "mlflow")
 
 #: The in-process layer's id in trails: exact versions already seen, and the last known record.
 MEMORY = "memory"
@@ -46,15 +41,21 @@ MEMORY = "memory"
 class Resolver:
     """Walks the chain for a model and selector; returns the record and every layer's outcome.
 
-    In front of the chain, an in-process memory answers exact versions it has already seen (a
-    registered version never changes what it points to). Behind the chain, the same memory keeps
-    the last record each selector resolved to from a registry layer: when the registry layers
-    cannot be asked and only the backup or the fallback would answer, the last known record is
-    served instead (stale-while-revalidate) and the resolution says so.
+    Behind the chain, an in-process memory keeps the last record each selector resolved to from a
+    registry layer, and every exact version seen: when the registry layers cannot be asked and only
+    the backup or the fallback would answer, the last known record is served instead
+    (stale-while-revalidate) and the resolution says so. Once MLflow has answered, its answer is
+    final: a definite "no such version or alias" is never overridden by the backup or the memory.
+
+    A hit whose record names a location outside `REGISTRY_ALLOWED_URIS` is that layer's
+    `rejected` answer, and the next layer is asked.
     """
 
-    def __init__(self, sources: Sequence[RegistrySource], *, breaker_failures: int = 3, breaker_reset_s: float = 30.0):
+    def __init__(self, sources: Sequence[RegistrySource], *, breaker_failures: int = 3, breaker_reset_s: float = 30.0,
+                 allow: Optional[AllowList] = None):
         self.sources = list(sources)
+        self.allow = allow or AllowList([])
+        self.authority: Optional[MLflowRegistrySource] = next((s for s in self.sources if isinstance(s, MLflowRegistrySource)), None)
         self.cache: Optional[RedisCacheSource] = next((s for s in self.sources if isinstance(s, RedisCacheSource)), None)
         self.backup: Optional[FileBackupSource] = next((s for s in self.sources if isinstance(s, FileBackupSource)), None)
         self.breakers = {s.source_id: CircuitBreaker(breaker_failures, breaker_reset_s) for s in self.sources}
@@ -65,24 +66,28 @@ class Resolver:
     @classmethod
     def from_settings(cls, settings: RegistrySettings) -> "Resolver":
         sources = [source for factory in CHAIN if (source := factory.from_settings(settings)) is not None]
-        return cls(sources, breaker_failures=settings.breaker_failures, breaker_reset_s=settings.breaker_reset)
+        return cls(sources, breaker_failures=settings.breaker_failures, breaker_reset_s=settings.breaker_reset,
+                   allow=AllowList.from_settings(settings))
 
-    def resolve(self, name: str, selector: Selector | str = "latest") -> Resolution:
-        """Ask each layer in order; the first hit wins.
+    def resolve(self, name: str, selector: Selector | str = "latest", *,
+                exclude: Collection[tuple[str, Optional[str]]] = ()) -> Resolution:
+        """Ask each layer in order; the first acceptable hit wins.
+
+        Args:
+            exclude: (version, sha256) pairs already tried and not loadable; such hits are passed
+                over, so the next start-up candidate comes from the layers below.
 
         Raises:
             ModelNotResolvable: no layer had an answer; the error lists every layer's outcome.
         """
         selector = Selector.parse(selector)
-        if selector.kind == "version":
-            remembered = self._versions.get((name, selector.value))
-            if remembered is not None:
-                record, fetched_at = remembered
-                attempt = LayerAttempt(MEMORY, Outcome.HIT, 0.0, f"version {record.version}, seen from {record.source}")
-                return Resolution(record, (attempt,), selector, fetched_at)
         trail: list[LayerAttempt] = []
+        authority_said_no = False
         for source in self.sources:
             start = time.perf_counter()
+            if authority_said_no and source.registry_copy:
+                trail.append(LayerAttempt(source.source_id, Outcome.MISS, 0.0, "not asked: MLflow has no such version or alias"))
+                continue
             breaker = self.breakers[source.source_id]
             if not breaker.allow():
                 trail.append(LayerAttempt(source.source_id, Outcome.UNAVAILABLE, 0.0,
@@ -91,12 +96,14 @@ class Resolver:
             answer: Optional[Answer] = None
             try:
                 answer = source.lookup(name, selector)
+                if answer is not None:
+                    self.allow.check(answer.record, fallback=source.stand_in)
             except SourceUnavailable as exc:
                 breaker.record_failure()
                 source.note_failure("unavailable", exc.reason)
                 trail.append(LayerAttempt(source.source_id, Outcome.UNAVAILABLE, _ms(start), exc.reason))
                 continue
-            except (PayloadError, SourceRejected) as exc:
+            except (PayloadError, SourceRejected, ArtifactError) as exc:
                 breaker.record_success()  # it answered; what it holds is the problem
                 source.logger.warning("%s %s rejected for model %r: %s", source.tag, source.source_id, name, exc)
                 trail.append(LayerAttempt(source.source_id, Outcome.REJECTED, _ms(start), str(exc)))
@@ -104,47 +111,92 @@ class Resolver:
             breaker.record_success()
             source.note_success()
             if answer is None:
+                authority_said_no = authority_said_no or source.authority
                 trail.append(LayerAttempt(source.source_id, Outcome.MISS, _ms(start), source.miss_detail(selector)))
                 continue
+            if (answer.record.version, answer.record.sha256) in exclude:
+                trail.append(LayerAttempt(source.source_id, Outcome.REJECTED, _ms(start),
+                                          f"version {answer.record.version} already tried"))
+                continue
             trail.append(LayerAttempt(source.source_id, Outcome.HIT, _ms(start), f"version {answer.record.version}"))
-            stale = self._stale_instead(name, selector, answer, trail)
-            if stale is not None:
-                return stale
+            if not authority_said_no:
+                stale = self._stale_instead(name, selector, answer, trail, exclude)
+                if stale is not None:
+                    return stale
             resolution = Resolution(answer.record, tuple(trail), selector, answer.as_of or time.time())
-            self._remember(resolution)
-            self._write_back(answer)
+            self._remember(resolution, source)
+            if source.write_back:
+                self._write_back(answer)
             logger.info(
                 "[HYBRID] %s@%s -> version %s from %s (%s)",
                 name, selector, answer.record.version, source.source_id,
                 ", ".join(f"{a.source}={a.outcome}" for a in trail),
             )
             return resolution
-        stale = self._stale_instead(name, selector, None, trail)
+        stale = None if authority_said_no else self._stale_instead(name, selector, None, trail, exclude)
         if stale is not None:
             return stale
         error = ModelNotResolvable(name, selector.value, trail)
         logger.error("[HYBRID] %s", error)
         raise error
 
-    def _remember(self, resolution: Resolution) -> None:
+    def fallback(self, name: str) -> Resolution:
+        """The pretrained stand-in alone (the last start-up candidate).
+
+        Raises:
+            ModelNotResolvable: no usable fallback is configured for the model.
+        """
+        trail: list[LayerAttempt] = []
+        selector = Selector.parse("latest")
+        for source in (s for s in self.sources if s.stand_in):
+            answer = source.lookup(name, selector)
+            if answer is None:
+                trail.append(LayerAttempt(source.source_id, Outcome.MISS, 0.0))
+                continue
+            try:
+                self.allow.check(answer.record, fallback=True)
+            except ArtifactError as exc:
+                trail.append(LayerAttempt(source.source_id, Outcome.REJECTED, 0.0, str(exc)))
+                continue
+            trail.append(LayerAttempt(source.source_id, Outcome.HIT, 0.0, f"version {answer.record.version}"))
+            return Resolution(answer.record, tuple(trail), selector, time.time())
+        raise ModelNotResolvable(name, selector.value, trail)
+
+    def _remember(self, resolution: Resolution, source: RegistrySource) -> None:
         record = resolution.record
-        if record.source == "huggingface":
+        if source.stand_in:
             return
         with self._memory_lock:
             self._versions[(record.name, record.version)] = (record, resolution.fetched_at)
-            if record.source in REGISTRY_LAYERS:
+            if source.live_registry:
                 self._last_good[(record.name, resolution.selector.value)] = resolution
 
-    def _stale_instead(self, name: str, selector: Selector, answer: Optional[Answer],
-                       trail: list[LayerAttempt]) -> Optional[Resolution]:
+    def forget(self, name: str, keep_versions: Collection[str]) -> list[str]:
+        """Drop what memory holds of the model's versions outside `keep_versions` (deleted in the registry)."""
+        with self._memory_lock:
+            gone = sorted({v for (n, v) in self._versions if n == name and v not in keep_versions})
+            for version in gone:
+                self._versions.pop((name, version), None)
+            for key, resolution in list(self._last_good.items()):
+                if key[0] == name and resolution.record.version not in keep_versions:
+                    self._last_good.pop(key, None)
+        return gone
+
+    def _stale_instead(self, name: str, selector: Selector, answer: Optional[Answer], trail: list[LayerAttempt],
+                       exclude: Collection[tuple[str, Optional[str]]] = ()) -> Optional[Resolution]:
         """The last known registry record, when the registry could not be asked and only a worse layer answered."""
-        if answer is not None and answer.record.source in REGISTRY_LAYERS:
+        if answer is not None and self._source(answer.record.source).live_registry:
             return None
-        registry_failed = any(a.source in REGISTRY_LAYERS and a.outcome in (Outcome.UNAVAILABLE, Outcome.REJECTED) for a in trail)
-        last = self._last_good.get((name, selector.value))
-        if not registry_failed or last is None:
+        live = {s.source_id for s in self.sources if s.live_registry}
+        registry_failed = any(a.source in live and a.outcome in (Outcome.UNAVAILABLE, Outcome.REJECTED) for a in trail)
+        with self._memory_lock:
+            last = self._last_good.get((name, selector.value))
+            if last is None and selector.kind == "version" and (name, selector.value) in self._versions:
+                record, fetched_at = self._versions[(name, selector.value)]
+                last = Resolution(record, (), selector, fetched_at)
+        if not registry_failed or last is None or (last.record.version, last.record.sha256) in exclude:
             return None
-        if answer is not None and answer.record.source == "file" and (answer.as_of or 0) >= last.fetched_at:
+        if answer is not None and self._source(answer.record.source).registry_copy and (answer.as_of or 0) >= last.fetched_at:
             return None  # the backup is at least as recent as what this process last saw
         age = time.time() - last.fetched_at
         worse = f"{answer.record.source} would answer version {answer.record.version}" if answer else "no layer answered"
@@ -154,11 +206,49 @@ class Resolver:
                        name, selector, last.record.version, age, worse)
         return Resolution(last.record, (*trail, attempt), selector, last.fetched_at, stale=True)
 
+    def is_stand_in(self, record: ModelRecord) -> bool:
+        """Whether the record came from the pretrained fallback rather than the registry."""
+        return self._source(record.source).stand_in
+
+    def _source(self, source_id: str) -> RegistrySource:
+        return next((s for s in self.sources if s.source_id == source_id), _NO_SOURCE)
+
     def _write_back(self, answer: Answer) -> None:
         section = answer.section
-        if section is None or answer.record.source not in WRITE_BACK_FROM:
-            return
-        write_all((self.cache, self.backup), lambda target: target.store_section(section), "write-back failed")
+        if section is not None:
+            write_all((self.cache, self.backup), lambda target: target.store_section(section), "write-back failed")
+
+    def refresh_from_authority(self, name: str) -> Optional[ModelSection]:
+        """Read the model from MLflow and make the cache, the backup and memory say the same.
+
+        Versions MLflow no longer holds are purged from all three. Returns MLflow's section (None
+        when the model has no version there).
+
+        Raises:
+            SourceUnavailable: MLflow could not be asked (or is not configured).
+        """
+        if self.authority is None:
+            raise SourceUnavailable("mlflow", "MLFLOW_TRACKING_URI is not set: there is no registry to follow")
+        section = self.authority.section(name)
+        replacement = section or ModelSection(name=name)
+        for target in (self.cache, self.backup):
+            if target is None:
+                continue
+            try:
+                held = target.load_payload()
+                current = held.section(name, source=target.source_id) if held is not None else None
+            except (SourceUnavailable, PayloadError):
+                current = None
+            if current is None and section is None:
+                continue
+            if current is None or current.entries() != replacement.entries():
+                write_all((target,), lambda t: t.store_section(replacement, replace=True), "refresh from MLflow failed")
+                target.logger.info("%s %s refreshed for %s from MLflow (versions %s)", target.tag, target.source_id, name,
+                                   [r.version for r in replacement.versions])
+        gone = self.forget(name, {r.version for r in replacement.all_records()})
+        if gone:
+            logger.info("[HYBRID] forgot %s versions %s: no longer in MLflow", name, gone)
+        return section
 
     def health(self, models: Sequence[str]) -> list[LayerHealth]:
         """Every layer's health, asked in parallel so one slow layer does not add to the others."""
@@ -178,6 +268,19 @@ class Resolver:
     def close(self) -> None:
         for source in self.sources:
             source.close()
+
+
+class _NoSource(RegistrySource):
+    """Stands for a layer this resolver does not have (a record from memory)."""
+
+    def lookup(self, name: str, selector: Selector) -> Optional[Answer]:
+        return None
+
+    def health(self, models: list[str]) -> LayerHealth:
+        return LayerHealth("", False, 0.0)
+
+
+_NO_SOURCE = _NoSource()
 
 
 def _ms(start: float) -> float:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from registry.errors import SettingsError
@@ -18,6 +19,22 @@ def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
+
+
+#: What a model name may hold: it becomes an MLflow registered-model name and a directory name.
+MODEL_NAME_RE = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9_.\-]{1,200}")
+
+
+class GateSpec(BaseModel):
+    """The promotion gate of one model: a labelled set every candidate version must classify well."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: Path
+    """JSONL file, one `{"text": ..., "label": ...}` per line."""
+    min_accuracy: float = Field(0.0, ge=0, le=1)
+    """Accuracy on the set a version must reach."""
+    max_drop: Optional[float] = Field(None, ge=0, le=1)
+    """How much worse than the serving version on the same set a new version may be; unset = not compared."""
 
 
 class RegistrySettings(BaseSettings):
@@ -124,7 +141,23 @@ class RegistrySettings(BaseSettings):
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     """Level of the service's own loggers (registry, runners, service)."""
 
-    @field_validator("redis_url", "training_api_url", "mlflow_tracking_uri", "admin_token", "signing_key", "reload_dir", mode="before")
+    follow: bool = True
+    """Roll to what the configured selector resolves to whenever the registry changes; `false`: only `/reload`."""
+
+    poll_interval: float = Field(60.0, gt=0)
+    """Seconds between reconcile polls of the authority (MLflow); one poll per interval per reload bus."""
+
+    webhook_secret: Optional[SecretStr] = None
+    """Secret of MLflow's registry webhooks; `POST /registry/webhook` is off without it."""
+
+    webhook_tolerance: float = Field(300.0, gt=0)
+    """Seconds a webhook's `X-MLflow-Timestamp` may be away from now before the delivery is refused."""
+
+    gate: Annotated[dict[str, GateSpec], NoDecode] = Field(default_factory=dict)
+    """JSON: model -> {"path": JSONL of {"text", "label"}, "min_accuracy", "max_drop"}; a version that fails never serves."""
+
+    @field_validator("redis_url", "training_api_url", "mlflow_tracking_uri", "admin_token", "signing_key", "reload_dir",
+                     "webhook_secret", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # A variable declared but left empty (bento `envs`, compose files) means "not set".
@@ -135,7 +168,18 @@ class RegistrySettings(BaseSettings):
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
 
-    @field_validator("fallback_models", mode="before")
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: list[str]) -> list[str]:
+        # A name becomes part of an MLflow registered-model name and a cache directory.
+        for name in value:
+            if not MODEL_NAME_RE.fullmatch(name):
+                raise ValueError(f"model name {name!r} may hold only ASCII letters, digits, '_', '.' and '-'")
+        if len(set(value)) != len(value):
+            raise ValueError("a model name is listed twice")
+        return value
+
+    @field_validator("fallback_models", "gate", mode="before")
     @classmethod
     def _json_object(cls, value: Any) -> Any:
         if isinstance(value, str):

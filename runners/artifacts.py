@@ -19,12 +19,11 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Union
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
+from registry.allowlist import AllowList
 from registry.digest import tree_sha256
-from registry.sources.mlflow_registry import mlflow_uris
 from registry.errors import ArtifactError
+from registry.mlflow_env import mlflow_uris
 from registry.record import ModelRecord
 from registry.settings import RegistrySettings
 
@@ -41,26 +40,6 @@ _REGISTERED_MODEL_META = "registered_model_meta"
 
 # Names become directory names in the cache: no separators, no `.`/`..`.
 _SAFE_NAME_RE = re.compile(r"^(?!\.{1,2}$)[\w.\-]+$")
-_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
-
-
-def _is_local(uri: str) -> bool:
-    return uri.startswith("file:") or not _SCHEME_RE.match(uri)
-
-
-def _local_path(uri: str) -> str:
-    """A local path or `file:` URI as a normal absolute path, so `..` cannot step out of an allowed prefix."""
-    if uri.startswith("file:"):
-        uri = url2pathname(urlparse(uri).path)
-    return os.path.normpath(os.path.abspath(uri))
-
-
-def _under(uri: str, prefix: str) -> bool:
-    """Whether `uri` lies under `prefix`; local paths compare whole path components."""
-    if _is_local(uri) and _is_local(prefix):
-        path, root = _local_path(uri), _local_path(prefix)
-        return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-    return uri.startswith(prefix)
 
 
 class ArtifactStore:
@@ -69,6 +48,7 @@ class ArtifactStore:
     def __init__(self, settings: RegistrySettings):
         self.settings = settings
         self.root = Path(settings.artifact_cache)
+        self.allow = AllowList.from_settings(settings)
 
     def fetch(self, record: ModelRecord) -> Union[Path, str]:
         """A local directory holding the record's artifact.
@@ -103,24 +83,7 @@ class ArtifactStore:
 
     def check_allowed(self, record: ModelRecord) -> None:
         """Refuse a record that names a location outside `settings.allowed_uris` (empty = any)."""
-        prefixes = self.settings.allowed_uris
-        if not prefixes:
-            return
-        if record.source == HUGGINGFACE_SOURCE:
-            if Path(record.model_uri).is_dir():
-                # Fallback directories are configured by the operator, not read from registry data.
-                configured = (v for v in self.settings.fallback_models.values() if Path(v).is_dir())
-                if any(_local_path(v) == _local_path(record.model_uri) for v in configured):
-                    return
-            elif any(record.model_uri.startswith(prefix) for prefix in prefixes):
-                return  # a hub id is a name, not a path: compared as written
-            uris = [record.model_uri]
-        else:
-            # Every location the record names must be allowed: either one may be downloaded from.
-            uris = [u for u in (record.artifact_uri, record.model_uri) if u]
-        for uri in uris:
-            if not any(_under(uri, prefix) for prefix in prefixes):
-                raise ArtifactError(uri, f"not under an allowed prefix (REGISTRY_ALLOWED_URIS: {', '.join(prefixes)})")
+        self.allow.check(record, fallback=record.source == HUGGINGFACE_SOURCE)
 
     @staticmethod
     def _fallback_location(record: ModelRecord) -> Union[Path, str]:

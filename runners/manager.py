@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
-from registry.errors import ArtifactError, ModelNotLoaded, ModelNotResolvable, RegistryError, ReloadFailed, UnknownModel
+from registry.errors import ArtifactError, GateRefused, ModelNotLoaded, ModelNotResolvable, RegistryError, ReloadFailed, UnknownModel
 from registry.record import Resolution, Selector
 from registry.resolver import Resolver
 from registry.settings import RegistrySettings
 from runners.batching import MicroBatcher
+from runners.gate import PromotionGate
 from runners.runner import TextClassificationRunner
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class ServedModel:
     batcher: MicroBatcher
     loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     pending_version: Optional[str] = None  # what the registry says now, when it differs (reload to switch)
+    gate: Optional[dict[str, Any]] = None  # the promotion gate's figures for this version
+    runner_is_stand_in: bool = False  # the pretrained fallback, not a registry version
 
     @property
     def record(self):
@@ -53,6 +56,7 @@ class ServedModel:
             "record": self.record.to_dict(),
             "registry": self.resolution.freshness(time.time()),
             "pending_version": self.pending_version,
+            "gate": self.gate,
             "trail": self.resolution.trail_dicts(),
             "batches": self.batcher.batches,
             "texts": self.batcher.texts,
@@ -60,16 +64,26 @@ class ServedModel:
 
 
 class ModelManager:
-    """Holds the served models of this worker; loads and swaps them, one load at a time."""
+    """Holds the served models of this worker; loads, gates and swaps them, one load at a time.
+
+    Per model it also says what it would rather serve (`wanted`: the version the registry named at
+    start-up when that version could not load or pass the gate) and the last version it tried to
+    roll to and did not (`candidate`).
+    """
 
     def __init__(self, settings: RegistrySettings, resolver: Resolver,
-                 runner_factory: Callable[[Any, RegistrySettings], TextClassificationRunner] = TextClassificationRunner):
+                 runner_factory: Callable[[Any, RegistrySettings], TextClassificationRunner] = TextClassificationRunner,
+                 gate: Optional[PromotionGate] = None):
         self.settings = settings
         self.resolver = resolver
         self.runner_factory = runner_factory
+        self.gate = gate if gate is not None else PromotionGate(settings.gate)
         self.names = list(settings.models)
         self._served: dict[str, ServedModel] = {}
         self._errors: dict[str, str] = {name: "not loaded yet" for name in self.names}
+        self.wanted: dict[str, dict[str, Any]] = {}
+        self.candidates: dict[str, dict[str, Any]] = {}
+        self._retry_at: dict[str, tuple[float, float]] = {}  # name -> (monotonic time of the next try, backoff)
         self._load_lock = threading.Lock()
         # One thread runs forward passes: the model is used by one batch at a time, and torch's own
         # thread count (settings.torch_threads) decides the parallelism inside it.
@@ -88,6 +102,10 @@ class ModelManager:
     def ready(self) -> bool:
         return bool(self.names) and all(name in self._served for name in self.names)
 
+    def degraded(self) -> bool:
+        """Whether any model serves something other than what it wanted."""
+        return bool(self.wanted)
+
     def not_ready_reason(self) -> str:
         if not self.names:
             return "no model configured (set REGISTRY_MODELS)"
@@ -96,8 +114,22 @@ class ModelManager:
     def served(self) -> dict[str, ServedModel]:
         return dict(self._served)
 
+    def served_versions(self) -> dict[str, str]:
+        """model -> version serving now (what the heartbeat tells the other replicas)."""
+        return {name: served.record.version for name, served in self._served.items() if not served.runner_is_stand_in}
+
     def errors(self) -> dict[str, str]:
         return dict(self._errors)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """What `/models` says of one model: what serves, and what it wanted or tried and did not."""
+        served = self._served.get(name)
+        body = served.describe() if served is not None else {"name": name, "loaded": False, "error": self._errors.get(name)}
+        if name in self.wanted:
+            body["wanted"] = self.wanted[name]
+        if name in self.candidates:
+            body["candidate"] = self.candidates[name]
+        return body
 
     # -- loading ------------------------------------------------------------------------------
     def _load(self, resolution: Resolution) -> ServedModel:
@@ -107,31 +139,45 @@ class ModelManager:
                                wait_ms=self.settings.batch_wait_ms)
         return ServedModel(runner=runner, resolution=resolution, batcher=batcher)
 
-    def activate(self, name: str, selector: Selector | str) -> tuple[Optional[ServedModel], ServedModel]:
-        """Resolve, load beside the current version, then swap. Returns (previous, current).
+    def activate(self, name: str, selector: Selector | str, *, resolution: Optional[Resolution] = None) -> tuple[Optional[ServedModel], ServedModel]:
+        """Resolve (unless `resolution` is given), load beside the current version, gate, then swap.
+
+        Returns (previous, current).
 
         Raises:
-            UnknownModel, ReloadFailed: the current version (if any) keeps serving.
+            UnknownModel, ReloadFailed (GateRefused among them): the current version (if any) keeps serving.
         """
         if name not in self.names:
             raise UnknownModel(name, self.names)
         with self._load_lock:
+            if resolution is None:
+                try:
+                    resolution = self.resolver.resolve(name, selector)
+                except ModelNotResolvable as exc:
+                    self._note_error(name, str(exc))
+                    raise ReloadFailed(name, str(exc)) from exc
             try:
-                resolution = self.resolver.resolve(name, selector)
-            except ModelNotResolvable as exc:
-                self._note_error(name, str(exc))
-                raise ReloadFailed(name, str(exc)) from exc
-            return self._swap_in(name, resolution)
+                previous, current = self._swap_in(name, resolution)
+            except ReloadFailed as exc:
+                self.candidates[name] = _candidate(resolution.record.version, resolution.record.sha256, exc)
+                raise
+            self.candidates.pop(name, None)
+            wanted = self.wanted.get(name)
+            if wanted is not None and (wanted["version"] == current.record.version or str(resolution.selector) == self.settings.alias):
+                self.wanted.pop(name, None)
+                self._retry_at.pop(name, None)
+            return previous, current
 
     def _swap_in(self, name: str, resolution: Resolution) -> tuple[Optional[ServedModel], ServedModel]:
         previous = self._served.get(name)
         record = resolution.record
-        if previous is not None and record.source == "huggingface" and previous.record.source != "huggingface":
+        stand_in = self.resolver.is_stand_in(record)
+        if previous is not None and stand_in and not previous.runner_is_stand_in:
             # The registry is unreachable right now; a pretrained stand-in is worse than what serves.
             raise ReloadFailed(name, f"only the pretrained fallback answered ({_trail_text(resolution)}); "
                                      f"version {previous.record.version} keeps serving")
-        if previous is not None and previous.record.version == record.version and previous.record.source != "huggingface" \
-                and record.source != "huggingface" and previous.record.sha256 == record.sha256:
+        if previous is not None and previous.record.version == record.version and not previous.runner_is_stand_in \
+                and not stand_in and previous.record.sha256 == record.sha256:
             # Same version already serving: keep it (and its warm state), refresh what we know.
             current = dataclasses.replace(previous, resolution=resolution, pending_version=None)
             self._served[name] = current
@@ -144,6 +190,14 @@ class ModelManager:
             self._note_error(name, reason)
             logger.error("[HYBRID] %s; %s", reason, "previous version keeps serving" if previous else "nothing to serve yet")
             raise ReloadFailed(name, reason) from exc
+        try:
+            current.gate = self.gate.check(name, record.version, record.sha256, current.runner.predict,
+                                           None if previous is None else (previous.record.version, previous.record.sha256, previous.runner.predict))
+        except GateRefused as exc:
+            current.runner.close()
+            self._note_error(name, str(exc))
+            raise
+        current.runner_is_stand_in = stand_in
         self._served[name] = current  # the swap: one reference assignment
         self._errors.pop(name, None)
         logger.info("[HYBRID] serving %s version %s from %s (loaded in %.2fs%s)", name, record.version, record.source,
@@ -154,27 +208,95 @@ class ModelManager:
         if name not in self._served:
             self._errors[name] = reason
 
-    def load_configured(self) -> bool:
-        """Try every configured model that is not loaded yet; True when all are."""
-        for name in self.names:
-            if name in self._served:
+    def start(self, name: str, replica_versions: Callable[[str], list[str]]) -> bool:
+        """Start-up: the first loadable candidate serves; True once one does.
+
+        Candidates, in order: what the chain resolves the configured selector to; the same selector
+        from the layers below (passing over versions that did not load); the versions other live
+        replicas serve (the reload bus knows); the pretrained fallback. When the first could not
+        load, `wanted` says which version and why, and `retry_wanted` tries it again with backoff.
+        """
+        selector = Selector.parse(self.settings.alias)
+        tried: list[tuple[str, Optional[str]]] = []
+        wanted: Optional[dict[str, Any]] = None
+
+        def attempt(resolution: Resolution) -> bool:
+            nonlocal wanted
+            try:
+                self.activate(name, selector, resolution=resolution)
+            except ReloadFailed as exc:
+                tried.append((resolution.record.version, resolution.record.sha256))
+                if wanted is None:
+                    wanted = _candidate(resolution.record.version, resolution.record.sha256, exc)
+                return False
+            if wanted is not None and wanted["version"] != self._served[name].record.version:
+                self.wanted[name] = {"version": wanted["version"], "reason": wanted["reason"]}
+                self._retry_at.setdefault(name, (time.monotonic() + self.settings.retry_interval, self.settings.retry_interval))
+                logger.warning("[HYBRID] %s serves version %s instead of version %s (%s); retrying that with backoff",
+                               name, self._served[name].record.version, wanted["version"], wanted["reason"])
+            self.candidates.pop(name, None)
+            return True
+
+        for _ in range(len(self.resolver.sources) + 1):  # each pass excludes one more version
+            try:
+                resolution = self.resolver.resolve(name, selector, exclude=tried)
+            except ModelNotResolvable as exc:
+                if wanted is None:
+                    self._note_error(name, str(exc))
+                break
+            if attempt(resolution):
+                return True
+        for version in replica_versions(name):
+            if any(version == v for v, _ in tried):
                 continue
             try:
-                self.activate(name, self.settings.alias)
-            except ReloadFailed:
-                pass  # recorded in _errors; readiness says why
+                resolution = self.resolver.resolve(name, version, exclude=tried)
+            except ModelNotResolvable:
+                continue
+            logger.info("[HYBRID] %s: trying version %s, which another live replica serves", name, version)
+            if attempt(resolution):
+                return True
+        try:
+            resolution = self.resolver.fallback(name)
+        except ModelNotResolvable:
+            return False
+        return attempt(resolution)
+
+    def load_configured(self, replica_versions: Callable[[str], list[str]] = lambda name: []) -> bool:
+        """Try every configured model that is not loaded yet; True when all are."""
+        for name in self.names:
+            if name not in self._served:
+                self.start(name, replica_versions)
         return self.ready()
 
-    def load_until_ready(self, stop: threading.Event) -> None:
+    def load_until_ready(self, stop: threading.Event, replica_versions: Callable[[str], list[str]] = lambda name: []) -> None:
         """Background start-up: keep trying until every model is loaded or the service stops."""
         while not stop.is_set():
-            if self.load_configured():
+            if self.load_configured(replica_versions):
                 return
             logger.warning("[HYBRID] not ready: %s; retrying in %.0fs", self.not_ready_reason(), self.settings.retry_interval)
             stop.wait(self.settings.retry_interval)
 
+    def retry_wanted(self) -> None:
+        """Try again, with exponential backoff, the versions that could not load at start-up."""
+        now = time.monotonic()
+        for name, (at, backoff) in list(self._retry_at.items()):
+            if now < at or name not in self.wanted:
+                continue
+            try:
+                self.activate(name, self.settings.alias)
+            except ReloadFailed as exc:
+                backoff = min(backoff * 2, MAX_RETRY_BACKOFF)
+                self._retry_at[name] = (time.monotonic() + backoff, backoff)
+                if name in self.wanted:
+                    self.wanted[name]["reason"] = exc.reason
+                logger.warning("[HYBRID] %s: wanted version still not serving (%s); next try in %.0fs", name, exc.reason, backoff)
+                continue
+            if name in self.wanted:  # the selector now names a version that loaded, but not the one wanted
+                self._retry_at[name] = (time.monotonic() + backoff, backoff)
+
     def refresh_stale(self) -> None:
-        """Ask the registry again for models served from stale memory; versions change only on reload."""
+        """Ask the registry again for models served from stale memory; versions change only on reload or follow."""
         for name, served in list(self._served.items()):
             if not served.resolution.stale:
                 continue
@@ -189,7 +311,7 @@ class ModelManager:
                 continue  # a reload swapped meanwhile
             pending = None if fresh.record.version == served.record.version else fresh.record.version
             if pending:
-                logger.warning("[HYBRID] registry reachable again: %s@%s is now version %s (serving %s); POST /reload to switch",
+                logger.warning("[HYBRID] registry reachable again: %s@%s is now version %s (serving %s)",
                                name, fresh.selector, pending, served.record.version)
                 self._served[name] = dataclasses.replace(served, pending_version=pending)
             else:
@@ -198,6 +320,18 @@ class ModelManager:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+#: Longest wait between two tries of a wanted version that does not load.
+MAX_RETRY_BACKOFF = 300.0
+
+
+def _candidate(version: str, sha256: Optional[str], exc: ReloadFailed) -> dict[str, Any]:
+    status = "refused" if isinstance(exc, GateRefused) else "failed"
+    body: dict[str, Any] = {"version": version, "sha256": sha256, "status": status, "reason": exc.reason}
+    if isinstance(exc, GateRefused):
+        body["gate"] = exc.figures
+    return body
 
 
 def _trail_text(resolution: Resolution) -> str:

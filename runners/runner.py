@@ -192,6 +192,55 @@ def _static_batch_forward(module: Any, batch: int) -> Callable[[Encoded], torch.
     return forward
 
 
+def _import_pt2_pytree_types(model_file: Path) -> None:
+    """Import the `transformers` modules that define the pytree types a pt2 program refers to.
+
+    A program exported from a Hugging Face model returns a `ModelOutput`, which transformers
+    registers as a pytree node only when the class is defined; `torch.export.load` fails on a type
+    not registered yet, so whether it loaded would depend on what the process imported before.
+    The types are read from the archive's JSON records (the `in_spec`/`out_spec` tree specs of
+    `models/*.json`), and only modules under `transformers.` are ever imported from them.
+    """
+    import importlib
+    import zipfile
+
+    from torch.utils import _pytree
+
+    names: set[str] = set()
+    try:
+        with zipfile.ZipFile(model_file) as archive:
+            for member in archive.namelist():
+                if not (member.endswith(".json") and Path(member).parent.name == "models"):
+                    continue
+                stack: list[Any] = [json.loads(archive.read(member))]
+                while stack:
+                    node = stack.pop()
+                    if isinstance(node, dict):
+                        for key, value in node.items():
+                            if key in ("in_spec", "out_spec") and isinstance(value, str):
+                                stack.append(json.loads(value))  # [protocol, {"type", "context", "children_spec"}]
+                            elif key == "type" and isinstance(value, str) and "children_spec" in node:
+                                names.add(value)
+                            else:
+                                stack.append(value)
+                    elif isinstance(node, list):
+                        stack.extend(node)
+    except (OSError, zipfile.BadZipFile, UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactError(str(model_file), f"unreadable pt2 archive: {type(exc).__name__}: {exc}") from exc
+    for name in sorted(names - set(_pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE)):
+        module_name = name.rpartition(".")[0]
+        if not (name.startswith("transformers.") and all(part.isidentifier() for part in module_name.split("."))):
+            continue  # not ours to import: torch.export.load reports it if it stays unregistered
+        try:
+            importlib.import_module(module_name)
+        except Exception as exc:  # ImportError, or whatever a module raises while importing
+            raise ArtifactError(
+                str(model_file), f"pt2 program refers to pytree type {name}, and {module_name} cannot be imported: {type(exc).__name__}: {exc}"
+            ) from exc
+        if name not in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            raise ArtifactError(str(model_file), f"pt2 program refers to pytree type {name}, which importing {module_name} does not register")
+
+
 def _check_pt2_pickle_free(model_file: Path) -> None:
     # torch.export.load unpickles weights and constants with weights_only=False, so an archive
     # whose digest is unknown is only loaded when every record passes MLflow's pickle-free check.
@@ -401,6 +450,7 @@ class TextClassificationRunner:
         model_file = path / str(flavor.get("model_data", "data")) / "model.pt2"
         if not (self.record.sha256 or self.settings.allow_pickle):
             _check_pt2_pickle_free(model_file)
+        _import_pt2_pytree_types(model_file)  # load order must not matter
         program = torch.export.load(str(model_file))
         if self.device.type != "cpu":
             program = move_to_device_pass(program, self.device)

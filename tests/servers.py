@@ -139,13 +139,22 @@ QUIET_ENV = {
 }
 
 
+#: MLflow's registry webhooks to loopback receivers: plain http, private addresses, and the
+#: webhook list re-read every second (it is cached for 60 s by default).
+WEBHOOK_ENV = {
+    "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+    "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+    "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+}
+
+
 def mlflow_server(log_dir: Path, db_path: Path, artifact_root: str, s3_endpoint: str, port: Optional[int] = None) -> ManagedServer:
     """`mlflow server` with a sqlite store, artifacts straight on S3 (no proxy), one worker."""
     port = port or free_port()
     argv = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db_path}",
             "--default-artifact-root", artifact_root, "--no-serve-artifacts",
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {**S3_ENV, **QUIET_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    env = {**S3_ENV, **QUIET_ENV, **WEBHOOK_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
     return ManagedServer("mlflow", argv, port, log_dir, env=env, ready=http_ok(f"http://127.0.0.1:{port}/health"),
                          start_timeout=120)
 

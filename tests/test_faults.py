@@ -279,7 +279,7 @@ def _poison(stack, entry_changes: Optional[dict], *, key: str = KEY, raw: Option
 @pytest.mark.parametrize(("case", "status"), [
     ("wrong shape", 200),          # rejected; the training API answers
     ("wrong signature", 200),      # rejected; the training API answers
-    ("outside allow-list", 422),   # resolved, refused before any download
+    ("outside allow-list", 200),   # refused before any download: rejected; the training API answers
     ("missing version", 422),      # resolved, nothing to download
     ("digest mismatch", 422),      # downloaded, refused by the sha256 check
 ])

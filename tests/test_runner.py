@@ -22,7 +22,7 @@ from tests.helpers import reference_predictions
 from tests.tiny_models import tiny_classifier
 from training.publisher import FLAVORS, PIP_REQUIREMENTS, Publisher, _LogitsOnly
 
-FORMS = {"transformers": FORM_TRANSFORMERS, "pytorch-pickle": FORM_PICKLE, "pytorch-pt2": FORM_PT2}
+FORMS = {"transformers": FORM_TRANSFORMERS, "pytorch-pickle": FORM_PICKLE, "pytorch-pt2": FORM_PT2, "pytorch-pt2-hf": FORM_PT2}
 
 TEXTS = [
     "hello",

@@ -3,6 +3,9 @@
     python -m training.cli publish --name prompt_injection --model-dir ./out --metric f1=0.93 --metric accuracy=0.95
     python -m training.cli refresh --name prompt_injection      # rebuild cache + backup from MLflow
     python -m training.cli resolve --name prompt_injection --selector best
+    python -m training.cli promote --name prompt_injection --version 3 --alias best
+    python -m training.cli revoke --name prompt_injection --version 3          # delete it; `best` moves
+    python -m training.cli revoke --name prompt_injection --version 3 --alias champion
 
 Settings come from the same variables as the service (`MLFLOW_TRACKING_URI`, `REGISTRY_*`).
 """
@@ -44,6 +47,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     pub.add_argument("--lower-is-better", action="store_true")
     ref = sub.add_parser("refresh", help="rebuild the cache and the file backup from MLflow")
     ref.add_argument("--name", required=True)
+    pro = sub.add_parser("promote", help="point an alias at a version, refresh cache + backup, tell the services")
+    pro.add_argument("--name", required=True)
+    pro.add_argument("--version", required=True)
+    pro.add_argument("--alias", default="best")
+    rev = sub.add_parser("revoke", help="delete a version (or remove one alias from it), refresh cache + backup, tell the services")
+    rev.add_argument("--name", required=True)
+    rev.add_argument("--version", required=True)
+    rev.add_argument("--alias", default=None, help="remove only this alias; the version stays")
+    rev.add_argument("--primary-metric", default="f1", help="metric that decides where `best` moves")
+    rev.add_argument("--lower-is-better", action="store_true")
     res = sub.add_parser("resolve", help="walk the chain and print the record and the trail")
     res.add_argument("--name", required=True)
     res.add_argument("--selector", default=None, help="latest, best, an alias or a version (default REGISTRY_ALIAS)")
@@ -74,7 +87,14 @@ def _run(args: argparse.Namespace) -> dict:
     publisher = Publisher(settings)
     try:
         if args.command == "refresh":
-            return publisher.refresh(args.name).to_dict()
+            record = publisher.refresh(args.name)
+            publisher.announce(args.name)
+            return record.to_dict() if record else {"model": args.name, "versions": []}
+        if args.command == "promote":
+            return publisher.promote(args.name, args.version, args.alias).to_dict()
+        if args.command == "revoke":
+            return publisher.revoke(args.name, args.version, alias=args.alias, primary_metric=args.primary_metric,
+                                    greater_is_better=not args.lower_is_better)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         model = AutoModelForSequenceClassification.from_pretrained(args.model_dir).eval()

@@ -22,14 +22,14 @@ from registry.digest import tree_sha256
 from registry.errors import PublishError, SourceUnavailable
 from registry.record import BEST, ModelRecord, Selector
 from registry.settings import RegistrySettings
-from registry.sources.file_backup import FileBackupSource
-from registry.sources.mlflow_registry import TAG_ARTIFACT_URI, TAG_METRICS, TAG_SHA256, MLflowRegistrySource, mlflow_uris
-from registry.sources.payload_source import write_all
-from registry.sources.redis_cache import RedisCacheSource
+from registry.coordination import CHANGED, CoordinationError, ReloadBus, worker_id
+from registry.mlflow_env import mlflow_uris
+from registry.resolver import Resolver
+from registry.sources.mlflow_registry import TAG_ARTIFACT_URI, TAG_METRICS, TAG_SHA256, MLflowRegistrySource
 
 logger = logging.getLogger(__name__)
 
-FLAVORS = ("transformers", "pytorch-pickle", "pytorch-pt2")
+FLAVORS = ("transformers", "pytorch-pickle", "pytorch-pt2", "pytorch-pt2-hf")
 
 #: What the served model needs at load time; passed explicitly so MLflow does not pin packages
 #: that are not installed (torchvision).
@@ -96,8 +96,10 @@ def _log_model(flavor: str, model: Any, tokenizer: Any, registered: str) -> Any:
             inputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1), "input_ids"), TensorSpec(np.dtype(np.int64), (-1, -1), "attention_mask")]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.config.num_labels), "logits")]),
         )
+        # "pytorch-pt2-hf": the Hugging Face model itself, as MLflow 3 logs one by default; its program
+        # returns a transformers ModelOutput (a pytree type) instead of bare logits.
         return mlflow.pytorch.log_model(
-            pytorch_model=_LogitsOnly.wrap(model),
+            pytorch_model=model if flavor == "pytorch-pt2-hf" else _LogitsOnly.wrap(model),
             name="model",
             serialization_format="pt2",
             input_example=inputs,
@@ -123,10 +125,12 @@ class Publisher:
         if not settings.mlflow_tracking_uri:
             raise PublishError("MLFLOW_TRACKING_URI is not set: there is no registry to publish to")
         self.settings = settings
-        self.mlflow = MLflowRegistrySource.from_settings(settings)
-        assert self.mlflow is not None
-        self.cache = RedisCacheSource.from_settings(settings)
-        self.backup = FileBackupSource.from_settings(settings)
+        # The layers the resolver reads, so a refresh writes exactly what a service will read.
+        self.resolver = Resolver.from_settings(settings)
+        assert self.resolver.authority is not None
+        self.mlflow: MLflowRegistrySource = self.resolver.authority
+        self.cache = self.resolver.cache
+        self.backup = self.resolver.backup
 
     def publish(
         self,
@@ -179,6 +183,8 @@ class Publisher:
             registered, version, run.info.run_id, sha256[:12], f"; alias best -> {version}" if best_moved else "",
         )
         record = self.refresh(name, version)
+        assert record is not None
+        self.announce(name)
         return PublishResult(record, best_moved, previous_best)
 
     def _experiment(self, name: str) -> None:
@@ -210,17 +216,101 @@ class Publisher:
             return True, current.version if current else None
         return False, current.version
 
-    def refresh(self, name: str, version: Optional[str] = None) -> ModelRecord:
-        """Rebuild the model's section from MLflow and write it to the cache and the backup."""
-        section = self.mlflow.section(name)
+    def refresh(self, name: str, version: Optional[str] = None) -> Optional[ModelRecord]:
+        """Make the cache and the backup say what MLflow says of the model (deleted versions go).
+
+        Returns the record of `version` (default: the latest), None when MLflow holds no version.
+        """
+        try:
+            section = self.resolver.refresh_from_authority(name)
+        except SourceUnavailable as exc:
+            raise PublishError(f"[MLFLOW] reading {self.mlflow.registered_name(name)}: {exc.reason}") from exc
         if section is None:
-            raise PublishError(f"model {name!r} is not registered in MLflow")
-        write_all((self.cache, self.backup), lambda target: target.store_section(section), "refresh after publishing failed")
+            return None
         wanted = version or (section.latest.version if section.latest else None)
-        return next(r for r in section.versions if r.version == wanted)
+        return next((r for r in section.versions if r.version == wanted), None)
+
+    def promote(self, name: str, version: str, alias: str = BEST) -> ModelRecord:
+        """Point `alias` at `version`, refresh cache and backup, and tell the services."""
+        selector = Selector.parse(alias)
+        if selector.kind != "alias":
+            raise PublishError(f"{alias!r} cannot be set as an alias ('latest' is the highest version, and numbers are versions)")
+        registered = self.mlflow.registered_name(name)
+        self._mlflow_call(f"moving alias {alias} of {registered} to version {version}",
+                          self.mlflow.client.set_registered_model_alias, registered, alias, str(version))
+        logger.info("[MLFLOW] %s@%s -> version %s", registered, alias, version)
+        record = self.refresh(name, str(version))
+        assert record is not None
+        self.announce(name)
+        return record
+
+    def revoke(self, name: str, version: str, *, alias: Optional[str] = None, primary_metric: str = "f1",
+               greater_is_better: bool = True) -> dict[str, Any]:
+        """Take a version out of service.
+
+        With `alias`, only that alias is removed from the version. Without, the version is deleted
+        from MLflow (its aliases go with it) and `best` moves to the best version left. Either way
+        the cache and the backup are refreshed (the version is purged from both) and the services
+        are told.
+        """
+        registered = self.mlflow.registered_name(name)
+        client = self.mlflow.client
+        mv = self._mlflow_call(f"reading {registered} version {version}", client.get_model_version, registered, str(version))
+        aliases = sorted(mv.aliases or ())
+        if alias is not None:
+            if alias not in aliases:
+                raise PublishError(f"alias {alias!r} of {registered} does not point at version {version} (it has {aliases or 'none'})")
+            self._mlflow_call(f"removing alias {alias}", client.delete_registered_model_alias, registered, alias)
+            removed, deleted, best = [alias], False, None
+        else:
+            self._mlflow_call(f"deleting {registered} version {version}", client.delete_model_version, registered, str(version))
+            removed, deleted, best = aliases, True, None
+            if BEST in aliases:
+                best = self._best_left(name, primary_metric, greater_is_better)
+                if best is not None:
+                    self._mlflow_call("moving alias best", client.set_registered_model_alias, registered, BEST, best)
+        logger.info("[MLFLOW] revoked %s version %s: %s%s", registered, version,
+                    "deleted" if deleted else f"alias {alias} removed", f"; alias best -> {best}" if best else "")
+        self.refresh(name)
+        generation = self.announce(name)
+        return {"model": name, "version": str(version), "deleted": deleted, "aliases_removed": removed, "best": best,
+                "announced": generation}
+
+    def _best_left(self, name: str, metric: str, greater: bool) -> Optional[str]:
+        section = self.mlflow.section(name)
+        scored = [r for r in (section.versions if section else ()) if metric in r.metrics]
+        if not scored:
+            return None
+        pick = max if greater else min
+        return pick(scored, key=lambda r: (r.metrics[metric], r.version_number)).version
+
+    def announce(self, name: str) -> Optional[int]:
+        """Tell every service on the reload bus that the registry changed for `name`; the generation, or None.
+
+        Services without a shared bus (no Redis, no REGISTRY_RELOAD_DIR) see the change at their next poll.
+        """
+        if not (self.settings.redis_url or self.settings.reload_dir):
+            logger.info("[HYBRID] no shared reload bus configured: services see %s's change at their next poll", name)
+            return None
+        bus = ReloadBus.from_settings(self.settings)
+        try:
+            order = bus.announce(name, "", "", f"publisher@{worker_id()}", kind=CHANGED)
+        except CoordinationError as exc:
+            logger.warning("[HYBRID] could not announce the change of %s: %s (services see it at their next poll)", name, exc)
+            return None
+        finally:
+            bus.close()
+        logger.info("[HYBRID] announced the change of %s (generation %d)", name, order.generation)
+        return order.generation
+
+    def _mlflow_call(self, what: str, fn: Any, *args: Any) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return fn(*args)
+        except MlflowException as exc:
+            raise PublishError(f"[MLFLOW] {what}: {exc.message}") from exc
 
     def close(self) -> None:
-        for source in (self.mlflow, self.cache, self.backup):
-            if source is not None:
-                source.close()
+        self.resolver.close()
 

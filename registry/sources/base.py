@@ -7,10 +7,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from registry.payload import ModelSection, RegistryPayload
 from registry.record import ModelRecord, Selector
+
+if TYPE_CHECKING:
+    from registry.settings import RegistrySettings
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,21 @@ class RegistrySource(abc.ABC):
 
     source_id: str = ""
     tag: str = "[HYBRID]"
+    #: Speaks for the live registry: its hit is current registry data, its failure means the
+    #: registry could not be asked (Redis, the training API, MLflow).
+    live_registry: bool = False
+    #: Its hits are authoritative data worth copying into the cache and the backup. A file hit is
+    #: not copied into Redis: promoting a disaster-recovery copy into the shared cache would hide
+    #: MLflow's recovery from every replica for a whole TTL.
+    write_back: bool = False
+    #: The registry itself (MLflow): once it has answered, its answer is final, and a definite
+    #: "no such version or alias" is never overridden by a copy below it or by memory.
+    authority: bool = False
+    #: Holds a copy of registry data below the authority (the file backup).
+    registry_copy: bool = False
+    #: A stand-in that is not registry data (the pretrained fallback): never remembered, and
+    #: never preferred over a registry version that already serves.
+    stand_in: bool = False
 
     def __init__(self) -> None:
         self._failing: Optional[str] = None
@@ -75,6 +93,11 @@ class RegistrySource(abc.ABC):
 
     def close(self) -> None:
         """Release connections; the default holds none."""
+
+    @classmethod
+    def from_settings(cls, settings: "RegistrySettings") -> Optional["RegistrySource"]:
+        """The layer as the settings configure it, or None when it is switched off."""
+        raise NotImplementedError
 
     # Logging a failing layer once: the first failure (or a new cause) is a WARNING,
     # repeats are DEBUG, and the recovery is an INFO line.

@@ -22,6 +22,7 @@ class FileBackupSource(PayloadSource):
 
     source_id = "file"
     tag = "[FALLBACK]"
+    registry_copy = True
     custom_aliases = True  # the last registry layer answers pinned aliases from what it last saw
 
     def __init__(self, path: Path, codec: Optional[PayloadCodec] = None):
@@ -53,9 +54,9 @@ class FileBackupSource(PayloadSource):
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def store_section(self, section: ModelSection) -> None:
-        """Merge one model's section into the file (read-merge-write under a lock)."""
-        self._store(lambda current: current.merge_section(section))
+    def store_section(self, section: ModelSection, *, replace: bool = False) -> None:
+        """Merge one model's section into the file (read-merge-write under a lock); `replace` drops what it held."""
+        self._store(lambda current: current.with_section(section) if replace else current.merge_section(section))
 
     def store_payload(self, payload: RegistryPayload) -> None:
         self._store(lambda _: payload)

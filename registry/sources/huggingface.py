@@ -22,6 +22,7 @@ class HuggingFaceFallbackSource(RegistrySource):
 
     source_id = "huggingface"
     tag = "[FALLBACK]"
+    stand_in = True
 
     def __init__(self, models: Mapping[str, str]):
         super().__init__()

@@ -8,16 +8,14 @@ get their metrics and storage location with one or two extra calls, for the sele
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import re
-import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from registry.errors import SourceUnavailable
+from registry.mlflow_env import configure_mlflow_http, mlflow_uris  # noqa: F401 - mlflow_uris is part of this module's API
 from registry.payload import ModelSection, RegistryPayload
 from registry.record import ModelRecord, Selector
 from registry.settings import RegistrySettings
@@ -35,50 +33,6 @@ TAG_METRICS = "registry.metrics"
 _NAME_RE = re.compile(r"^[\w.\-]+$")
 
 
-def configure_mlflow_http(timeout: float, retries: int) -> None:
-    """Bound MLflow's REST calls; MLflow reads these variables on each request.
-
-    A value the user set explicitly wins: these are MLflow's own knobs.
-    """
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(timeout))))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
-
-
-#: MLflow's fluent API (runs, the tracking and registry URIs) is process-wide state.
-_FLUENT_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def mlflow_uris(uri: Optional[str]) -> Iterator[None]:
-    """Point MLflow's process-wide URIs at `uri` for one operation, then put them back.
-
-    Some MLflow paths ignore the URIs they are given (a `models:/` download resolves the logged
-    model through the global tracking URI), and `mlflow.set_tracking_uri` also writes
-    `MLFLOW_TRACKING_URI` into the environment, which every subprocess started later would
-    inherit. One such operation at a time per process.
-    """
-    import mlflow
-
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    with _FLUENT_LOCK:
-        saved = {k: os.environ.get(k) for k in names}
-        previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(previous[0])
-            mlflow.set_registry_uri(previous[1])
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-
 def _tag_metrics(tags: dict[str, str]) -> dict[str, float]:
     try:
         data = json.loads(tags.get(TAG_METRICS, "{}"))
@@ -94,6 +48,9 @@ class MLflowRegistrySource(RegistrySource):
 
     source_id = "mlflow"
     tag = "[MLFLOW]"
+    live_registry = True
+    write_back = True
+    authority = True
 
     def __init__(self, tracking_uri: str, *, prefix: str = "security_", timeout: float = 2.0, retries: int = 1):
         super().__init__()
@@ -197,14 +154,15 @@ class MLflowRegistrySource(RegistrySource):
             )
         return dataclasses.replace(record, **changes) if changes else record
 
+    def select(self, section: Optional[ModelSection], name: str, selector: Selector) -> Optional[ModelRecord]:
+        """The record the selector names in a section read from this registry, completed; None when there is none."""
+        record = section.select(selector, custom_aliases=True) if section is not None else None
+        return None if record is None else self._complete(record, self.registered_name(name))
+
     def lookup(self, name: str, selector: Selector) -> Optional[Answer]:
         section = self.section(name)
-        if section is None:
-            return None
-        record = section.select(selector, custom_aliases=True)
-        if record is None:
-            return None
-        return Answer(self._complete(record, self.registered_name(name)), section)
+        record = self.select(section, name, selector)
+        return None if record is None else Answer(record, section)
 
     def payload(self, names: Optional[list[str]] = None) -> RegistryPayload:
         """The whole registry payload, in two calls: every `<prefix>*` model, then every version."""

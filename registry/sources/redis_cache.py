@@ -20,6 +20,7 @@ class RedisCacheSource(PayloadSource):
 
     source_id = "redis"
     tag = "[CACHE]"
+    live_registry = True
 
     def __init__(self, url: str, *, key: str, ttl: int, timeout: float, codec: Optional[PayloadCodec] = None):
         super().__init__(codec)
@@ -50,8 +51,12 @@ class RedisCacheSource(PayloadSource):
             return None
         return self.decode(raw, where=f"redis key {self.key!r}")
 
-    def store_section(self, section: ModelSection) -> None:
-        """Merge one model's section into the cached payload, atomically (WATCH/MULTI, retried by redis-py)."""
+    def store_section(self, section: ModelSection, *, replace: bool = False) -> None:
+        """Merge one model's section into the cached payload, atomically (WATCH/MULTI, retried by redis-py).
+
+        With `replace`, the section replaces what the cache holds for the model (the authority's
+        whole answer: versions deleted in the registry go too).
+        """
 
         def merge(pipe: redis.client.Pipeline) -> None:
             raw = pipe.get(self.key)
@@ -60,7 +65,8 @@ class RedisCacheSource(PayloadSource):
             except PayloadError:
                 current = RegistryPayload.empty()  # a corrupt cache value is replaced, the registry below is intact
             pipe.multi()
-            pipe.set(self.key, self.codec.encode(current.merge_section(section)), ex=self.ttl)
+            updated = current.with_section(section) if replace else current.merge_section(section)
+            pipe.set(self.key, self.codec.encode(updated), ex=self.ttl)
 
         try:
             self.client.transaction(merge, self.key)

@@ -18,6 +18,8 @@ class TrainingAPISource(PayloadSource):
 
     source_id = "training_api"
     tag = "[HYBRID]"
+    live_registry = True
+    write_back = True
 
     def __init__(self, base_url: str, *, timeout: float, codec: Optional[PayloadCodec] = None):
         super().__init__(codec)

@@ -1,0 +1,232 @@
+"""The model host: everything a BentoML service needs to serve registry-backed models.
+
+It resolves, loads beside, gates and swaps; announces on the reload bus and applies what other
+workers and replicas announce; heartbeats what it serves; follows the registry (see
+`runners.follow`); and keeps all of that running in background threads that survive any error.
+A service holds one host and asks it for the serving snapshot of each request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from registry.coordination import CHANGED, CoordinationError, ReloadBus, ReloadOrder, worker_id
+from registry.errors import ReloadFailed, UnknownModel
+from registry.record import Resolution, Selector
+from registry.resolver import Resolver
+from registry.settings import RegistrySettings
+from runners.follow import Follower
+from runners.manager import ModelManager, ServedModel
+
+logger = logging.getLogger(__name__)
+
+
+class ModelHost:
+    """Owns the resolver, the served models, the reload bus and the background work of one worker."""
+
+    def __init__(self, settings: Optional[RegistrySettings] = None, *, models: Optional[list[str]] = None):
+        settings = settings or RegistrySettings.from_env()
+        if models is not None:
+            settings = RegistrySettings.from_env(**{**settings.model_dump(), "models": models})
+        self.settings = settings
+        # BentoML's handlers pass WARNING and up from other loggers; our INFO lines (the final
+        # choice of each resolution, swaps, reloads) are part of the product.
+        for name in ("service", "registry", "runners"):
+            logging.getLogger(name).setLevel(settings.log_level)
+        self.worker = worker_id()
+        self.resolver = Resolver.from_settings(settings)
+        self.manager = ModelManager(settings, self.resolver)
+        self.bus = ReloadBus.from_settings(settings)
+        self.follower = Follower(self)
+        self._stop = threading.Event()
+        self._seen_generation = self._bus_generation()
+        self._threads: list[threading.Thread] = []
+        self.started_at = time.time()
+
+    def start(self) -> "ModelHost":
+        """Start the background work: loading, heartbeat, bus watcher and, when following, the poll."""
+        import torch
+
+        torch.set_num_threads(self.settings.torch_threads)
+        loops: list[tuple[str, Callable[[], None], float]] = [
+            ("model-loader", self._load_step, self.settings.retry_interval),
+            ("heartbeat", self._heartbeat_step, 1.0),
+            ("reload-watcher", self._watch_step, 0.25),
+        ]
+        if self.settings.follow:
+            loops += [("follow", self.follower.work_step, 0.0), ("registry-poll", self.follower.poll_step, self.follower.tick)]
+        for name, step, wait in loops:
+            thread = threading.Thread(target=supervised, args=(name, step, wait, self._stop), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        logger.info("[HYBRID] worker %s starting: models %s, selector %s, layers %s, reload bus %s, follow %s", self.worker,
+                    self.settings.models, self.settings.alias, [s.source_id for s in self.resolver.sources], self.bus.kind,
+                    f"on (poll every {self.settings.poll_interval:.0f}s)" if self.settings.follow else "off")
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.manager.close()
+        self.resolver.close()
+        self.bus.close()
+
+    # -- what requests ask -----------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return self.manager.names
+
+    def get(self, name: Optional[str] = None) -> ServedModel:
+        """The snapshot one request uses until it answers.
+
+        Raises:
+            UnknownModel, ModelNotLoaded.
+        """
+        return self.manager.get(name)
+
+    def ready(self) -> bool:
+        return self.manager.ready()
+
+    # -- background steps ------------------------------------------------------------------------
+    def _bus_generation(self) -> int:
+        try:
+            return self.bus.generation()
+        except CoordinationError as exc:
+            logger.warning("[HYBRID] reload bus unavailable at start-up: %s", exc)
+            return 0
+
+    def _load_step(self) -> None:
+        if not self.manager.ready():
+            start = time.perf_counter()
+            if self.manager.load_configured(self._replica_versions):
+                logger.info("[HYBRID] worker %s ready in %.2fs", self.worker, time.perf_counter() - start)
+            else:
+                logger.warning("[HYBRID] not ready: %s; retrying in %.0fs", self.manager.not_ready_reason(), self.settings.retry_interval)
+            return
+        # Revalidate models served from stale memory, and retry versions that could not load.
+        self.manager.refresh_stale()
+        self.manager.retry_wanted()
+
+    def _replica_versions(self, name: str) -> list[str]:
+        """Versions of `name` other live workers serve, most served first (a start-up candidate)."""
+        try:
+            serving = self.bus.serving()
+        except CoordinationError:
+            return []
+        counts: dict[str, int] = {}
+        for worker, models in serving.items():
+            if worker != self.worker and name in models:
+                counts[models[name]] = counts.get(models[name], 0) + 1
+        return sorted(counts, key=lambda v: (-counts[v], -int(v)))
+
+    def _heartbeat_step(self) -> None:
+        self.bus.heartbeat(self.worker, self.manager.served_versions())
+
+    def _watch_step(self) -> None:
+        """Apply reload orders announced by other workers or replicas, in order, and acknowledge them."""
+        if self.bus.generation() <= self._seen_generation:
+            return
+        for order in self.bus.orders_after(self._seen_generation):
+            if order.model in self.manager.names:
+                if order.kind == CHANGED:
+                    self.follower.on_change(order)
+                elif order.issued_by != self.worker:
+                    result = self._apply(order)
+                    try:
+                        self.bus.ack(order.generation, self.worker, result)
+                    except CoordinationError as exc:
+                        logger.warning("[HYBRID] could not acknowledge reload %d: %s", order.generation, exc)
+            self._seen_generation = max(self._seen_generation, order.generation)
+
+    def _apply(self, order: ReloadOrder) -> dict[str, Any]:
+        try:
+            _, current = self.manager.activate(order.model, order.version)
+            return {"ok": True, "version": current.record.version, "source": current.record.source}
+        except (ReloadFailed, UnknownModel) as exc:
+            return {"ok": False, "error": str(exc)}
+
+    # -- the one path every version change takes -------------------------------------------------
+    def rollout(self, name: str, selector: Selector, *, trigger: str = "reload",
+                resolution: Optional[Resolution] = None) -> dict[str, Any]:
+        """Load beside, gate, swap, announce on the bus and wait until every live worker acknowledged.
+
+        Raises:
+            UnknownModel, ReloadFailed (GateRefused among them), CoordinationError.
+        """
+        start = time.perf_counter()
+        with self.bus.lock(timeout=self.settings.reload_ack_timeout):
+            previous, current = self.manager.activate(name, selector, resolution=resolution)
+            order = self.bus.announce(name, current.record.version, str(selector), self.worker)
+            self.bus.ack(order.generation, self.worker, {"ok": True, "version": current.record.version, "source": current.record.source})
+            acks, missing = self.bus.wait_for_acks(order.generation, self.settings.reload_ack_timeout)
+        changed = previous is None or previous.record.version != current.record.version
+        logger.info("[HYBRID] %s %s: version %s%s (generation %d, %d/%d workers acknowledged)", trigger, name, current.record.version,
+                    f", was {previous.record.version}" if previous and changed else "", order.generation,
+                    sum(1 for a in acks.values() if a.get("ok")), len(acks) + len(missing))
+        return {
+            "model": name,
+            "trigger": trigger,
+            "previous": previous.record.to_dict() if previous else None,
+            "current": current.record.to_dict(),
+            "trail": current.resolution.trail_dicts(),
+            "gate": current.gate,
+            "generation": order.generation,
+            "workers": {
+                "acknowledged": sum(1 for a in acks.values() if a.get("ok")),
+                "failed": {w: a.get("error") for w, a in acks.items() if not a.get("ok")},
+                "missing": missing,
+                "acks": acks,
+            },
+            "elapsed_ms": round((time.perf_counter() - start) * 1000, 1),
+        }
+
+    # -- introspection ---------------------------------------------------------------------------
+    def models(self) -> dict[str, Any]:
+        return {"worker": self.worker, "ready": self.manager.ready(), "degraded": self.manager.degraded(),
+                "models": {name: self.manager.describe(name) for name in self.manager.names}}
+
+    def health(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        layers = [h.to_dict() for h in self.resolver.health(self.manager.names)]
+        try:
+            bus = {"kind": self.bus.kind, "reachable": True, "generation": self.bus.generation(), "serving": self.bus.serving()}
+            bus["live_workers"] = sorted(bus["serving"])
+        except CoordinationError as exc:
+            bus = {"kind": self.bus.kind, "reachable": False, "error": str(exc)}
+        return {
+            "status": "ok" if self.manager.ready() else "not_ready",
+            "degraded": self.manager.degraded(),
+            "worker": self.worker,
+            "serving": {name: {**s.identity(), "registry": s.resolution.freshness(time.time()), "pending_version": s.pending_version}
+                        for name, s in self.manager.served().items()},
+            "wanted": dict(self.manager.wanted),
+            "last_known": self.resolver.last_known(),
+            "layers": layers,
+            "reload_bus": bus,
+            "follow": self.follower.describe(),
+            "signed": self.settings.signing_key is not None,
+            "elapsed_ms": round((time.perf_counter() - start) * 1000, 3),
+        }
+
+
+def supervised(name: str, step: Callable[[], None], wait: float | Callable[[], float], stop: threading.Event) -> None:
+    """Run `step` until `stop`, waiting `wait` seconds between runs; an error is logged once and retried.
+
+    Background work must never die silently: any exception is caught here, logged once per
+    distinct cause (with its traceback the first time), and the step runs again after the wait.
+    """
+    failing: Optional[str] = None
+    while not stop.is_set():
+        try:
+            step()
+            if failing is not None:
+                logger.info("[HYBRID] %s recovered (was: %s)", name, failing)
+                failing = None
+        except Exception as exc:  # noqa: BLE001 - this loop is the last line of defence
+            cause = f"{type(exc).__name__}: {exc}"
+            if cause != failing:
+                logger.warning("[HYBRID] %s failed, retrying: %s", name, cause, exc_info=not isinstance(exc, CoordinationError))
+            failing = cause
+        stop.wait(wait() if callable(wait) else wait)
