@@ -13,6 +13,8 @@ export UV_CACHE_DIR ?= $(CURDIR)/.cache/uv
 # The embedded default of `make serve`: a local MLflow store and the file backup, nothing else.
 SERVE_MLFLOW ?= sqlite:///$(CURDIR)/data/mlflow.db
 SERVE_MODELS ?= prompt_injection
+# The local reload bus, shared by the service and the publishing commands (no Redis needed).
+export REGISTRY_RELOAD_DIR ?= $(CURDIR)/data/reload
 PORT ?= 3000
 
 .PHONY: setup test serve demo-model training-api bench build clean

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from bench.report import AreaReport, machine_info, render
 
-AREAS = ("resolution", "hotpath", "reload", "coldstart", "scale")
+AREAS = ("resolution", "hotpath", "reload", "coldstart", "scale", "follow")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
 
@@ -46,6 +46,8 @@ TARGETS = (
     Target("seed design: Redis cache hit under 1 ms", "resolution", "redis_seed", lambda v: v < 1.0, "value"),
     Target("seed design: MLflow resolution under 100-500 ms (aim far below)", "resolution", "mlflow_seed", lambda v: v < 100.0, "value"),
     Target("seed design: file resolution under 10-50 ms (aim far below)", "resolution", "file_seed", lambda v: v < 10.0, "value"),
+    Target("alias move to every replica by webhook within the raw load + 1 s (max)", "follow", "webhook_slack", lambda r: r <= 1.0),
+    Target("MLflow polls per interval do not grow with replicas (N=2 within 1.2 x N=1)", "follow", "polls_growth", lambda r: r <= 1.2),
 )
 
 #: Variables of the user's shell that would leak into the measured configuration.

@@ -24,10 +24,57 @@ from runners.manager import ModelManager, ServedModel
 logger = logging.getLogger(__name__)
 
 
-class ModelHost:
-    """Owns the resolver, the served models, the reload bus and the background work of one worker."""
+#: Hosts started in this process (one per service instance, i.e. per BentoML worker).
+_LIVE: list["ModelHost"] = []
+_LIVE_LOCK = threading.Lock()
 
-    def __init__(self, settings: Optional[RegistrySettings] = None, *, models: Optional[list[str]] = None):
+
+def live_hosts() -> list["ModelHost"]:
+    """The hosts running in this process, oldest first (the admin routes ask them)."""
+    with _LIVE_LOCK:
+        return list(_LIVE)
+
+
+class ModelHost:
+    """Owns the resolver, the served models, the reload bus and the background work of one worker.
+
+    Declare one on a BentoML service class; each service instance (each worker) gets its own host,
+    built from the environment (`REGISTRY_*`) and started when the instance first touches it:
+
+        @registry_admin
+        @bentoml.service
+        class Spam:
+            host = ModelHost(models=["spam"], runner="mlflow-pyfunc")
+
+    Args:
+        settings: the registry settings; default `RegistrySettings.from_env()` in the worker.
+        models: the models to serve (overrides `REGISTRY_MODELS`).
+        runner: a runner kind from `runners.kinds.RUNNERS` to use for every model; default:
+            chosen per artifact (what the MLflow flavors say).
+    """
+
+    def __init__(self, settings: Optional[RegistrySettings] = None, *, models: Optional[list[str]] = None,
+                 runner: Optional[str] = None):
+        self._config = (settings, models, runner)
+        self._attribute: Optional[str] = None
+        self._started = False
+
+    # -- declared on a class: one host per service instance ----------------------------------------
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._attribute = name
+
+    def __get__(self, instance: Any, owner: Optional[type] = None) -> "ModelHost":
+        if instance is None or self._attribute is None:
+            return self
+        host = instance.__dict__.get(self._attribute)
+        if host is None:
+            host = instance.__dict__[self._attribute] = ModelHost(*self._config[:1], models=self._config[1], runner=self._config[2]).start()
+        return host
+
+    def _build(self) -> None:
+        from runners.kinds import runner_factory
+
+        settings, models, runner = self._config
         settings = settings or RegistrySettings.from_env()
         if models is not None:
             settings = RegistrySettings.from_env(**{**settings.model_dump(), "models": models})
@@ -38,7 +85,7 @@ class ModelHost:
             logging.getLogger(name).setLevel(settings.log_level)
         self.worker = worker_id()
         self.resolver = Resolver.from_settings(settings)
-        self.manager = ModelManager(settings, self.resolver)
+        self.manager = ModelManager(settings, self.resolver, runner_factory(runner))
         self.bus = ReloadBus.from_settings(settings)
         self.follower = Follower(self)
         self._stop = threading.Event()
@@ -47,7 +94,14 @@ class ModelHost:
         self.started_at = time.time()
 
     def start(self) -> "ModelHost":
-        """Start the background work: loading, heartbeat, bus watcher and, when following, the poll."""
+        """Build from the settings, then start the background work: loading, heartbeat, bus watcher
+        and, when following, the poll. Returns the host."""
+        if self._started:
+            return self
+        self._build()
+        self._started = True
+        with _LIVE_LOCK:
+            _LIVE.append(self)
         import torch
 
         torch.set_num_threads(self.settings.torch_threads)
@@ -68,6 +122,9 @@ class ModelHost:
         return self
 
     def stop(self) -> None:
+        with _LIVE_LOCK:
+            if self in _LIVE:
+                _LIVE.remove(self)
         self._stop.set()
         self.manager.close()
         self.resolver.close()

@@ -21,7 +21,8 @@ from registry.resolver import Resolver
 from registry.settings import RegistrySettings
 from runners.batching import MicroBatcher
 from runners.gate import PromotionGate
-from runners.runner import TextClassificationRunner
+from runners import kinds
+from runners.kinds import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 class ServedModel:
     """One loaded version and everything a response or `/models` says about it."""
 
-    runner: TextClassificationRunner
+    runner: ModelRunner
     resolution: Resolution
     batcher: MicroBatcher
     loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -41,6 +42,10 @@ class ServedModel:
     @property
     def record(self):
         return self.resolution.record
+
+    async def predict(self, inputs: list[Any]) -> list[dict[str, Any]]:
+        """Answers for one request, batched with other requests' inputs on this version."""
+        return await self.batcher.predict(inputs)
 
     def identity(self) -> dict[str, Any]:
         """What every classify response carries: which model version made the predictions."""
@@ -72,11 +77,11 @@ class ModelManager:
     """
 
     def __init__(self, settings: RegistrySettings, resolver: Resolver,
-                 runner_factory: Callable[[Any, RegistrySettings], TextClassificationRunner] = TextClassificationRunner,
+                 runner_factory: Optional[Callable[[Any, RegistrySettings], ModelRunner]] = None,
                  gate: Optional[PromotionGate] = None):
         self.settings = settings
         self.resolver = resolver
-        self.runner_factory = runner_factory
+        self.runner_factory = runner_factory or kinds.runner_factory()
         self.gate = gate if gate is not None else PromotionGate(settings.gate)
         self.names = list(settings.models)
         self._served: dict[str, ServedModel] = {}

@@ -266,8 +266,10 @@ class TextClassificationRunner:
         *,
         device: Union[str, torch.device, None] = None,
         store: Optional[ArtifactStore] = None,
+        location: Union[Path, str, None] = None,
     ):
         self.record = record
+        self._location = location  # already fetched and verified by the caller
         self.settings = settings
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.store = store or ArtifactStore(settings)
@@ -295,7 +297,7 @@ class TextClassificationRunner:
         if self.ready:
             return
         start = time.perf_counter()
-        location = self.store.fetch(self.record)
+        location = self._location if self._location is not None else self.store.fetch(self.record)
         form = detect_form(location)
         loaders = {
             FORM_TRANSFORMERS: self._load_mlflow_transformers,

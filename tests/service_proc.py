@@ -17,12 +17,13 @@ ADMIN_TOKEN = "test-admin-token"
 class ServiceProcess(ManagedServer):
     """`bentoml serve service:SecurityClassifier` on a free port; alive once /livez answers."""
 
-    def __init__(self, log_dir: Path, env: dict[str, str], *, workers: int = 1, port: Optional[int] = None):
+    def __init__(self, log_dir: Path, env: dict[str, str], *, workers: int = 1, port: Optional[int] = None,
+                 target: str = "service:SecurityClassifier", cwd: Path = REPO):
         port = port or free_port()
-        argv = [str(VENV_BIN / "bentoml"), "serve", "service:SecurityClassifier", "--port", str(port), "--host", "127.0.0.1"]
+        argv = [str(VENV_BIN / "bentoml"), "serve", target, "--port", str(port), "--host", "127.0.0.1"]
         full_env = {**QUIET_ENV, "REGISTRY_WORKERS": str(workers), "BENTOML_HOME": str(log_dir / "bentoml-home"),
                     "REGISTRY_RETRY_INTERVAL": "2", **env}
-        super().__init__("service", argv, port, log_dir, env=full_env, cwd=REPO,
+        super().__init__("service", argv, port, log_dir, env=full_env, cwd=cwd,
                          ready=http_ok(f"http://127.0.0.1:{port}/livez"), start_timeout=120)
         self.client = httpx.Client(base_url=self.url, timeout=60)
 

@@ -16,7 +16,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from registry.digest import tree_sha256
 from registry.errors import PublishError, SourceUnavailable
@@ -144,25 +144,42 @@ class Publisher:
         greater_is_better: bool = True,
         params: Optional[Mapping[str, Any]] = None,
     ) -> PublishResult:
-        """Log, register, tag, move `best` if earned, then refresh cache and backup."""
+        """Log a Hugging Face classifier, register, tag, move `best` if earned, refresh cache and backup, announce."""
         if flavor not in FLAVORS:
             raise PublishError(f"unknown flavor {flavor!r}; use one of {', '.join(FLAVORS)}")
+        return self.publish_logged(name, lambda registered: _log_model(flavor, model, tokenizer, registered), metrics,
+                                   label=flavor, primary_metric=primary_metric, greater_is_better=greater_is_better, params=params)
+
+    def publish_logged(
+        self,
+        name: str,
+        log: Callable[[str], Any],
+        metrics: Mapping[str, float],
+        *,
+        label: str = "model",
+        primary_metric: str = "f1",
+        greater_is_better: bool = True,
+        params: Optional[Mapping[str, Any]] = None,
+    ) -> PublishResult:
+        """Publish any MLflow model: `log(registered_name)` logs and registers it inside the run and
+        returns MLflow's ModelInfo, e.g. `lambda r: mlflow.sklearn.log_model(pipe, name="model", registered_model_name=r)`.
+        The rest is as `publish`: digest, tags, `best`, cache and backup, announcement."""
         registered = self.mlflow.registered_name(name)
         client = self.mlflow.client
         with mlflow_uris(self.settings.mlflow_tracking_uri):
-            return self._publish(name, registered, client, model, tokenizer, metrics, flavor, primary_metric, greater_is_better, params)
+            return self._publish(name, registered, client, log, label, metrics, primary_metric, greater_is_better, params)
 
-    def _publish(self, name: str, registered: str, client: Any, model: Any, tokenizer: Any, metrics: Mapping[str, float],
-                 flavor: str, primary_metric: str, greater_is_better: bool, params: Optional[Mapping[str, Any]]) -> PublishResult:
+    def _publish(self, name: str, registered: str, client: Any, log: Callable[[str], Any], label: str, metrics: Mapping[str, float],
+                 primary_metric: str, greater_is_better: bool, params: Optional[Mapping[str, Any]]) -> PublishResult:
         import mlflow
         from mlflow.exceptions import MlflowException
 
         try:
             self._experiment(registered)
-            with mlflow.start_run(run_name=f"{name}-{flavor}") as run:
+            with mlflow.start_run(run_name=f"{name}-{label}") as run:
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-                mlflow.log_params({"flavor": flavor, **dict(params or {})})
-                info = _log_model(flavor, model, tokenizer, registered)
+                mlflow.log_params({"flavor": label, **dict(params or {})})
+                info = log(registered)
             version = str(info.registered_model_version)
             artifact_uri = client.get_logged_model(info.model_id).artifact_location
             with tempfile.TemporaryDirectory() as tmp:

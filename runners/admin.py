@@ -1,0 +1,216 @@
+"""The admin surface any BentoML service holding a `ModelHost` gets: reload, models, health, webhook.
+
+    @registry_admin                 # above @bentoml.service
+    @bentoml.service
+    class Phishing:
+        host = ModelHost(models=["phishing"], runner="mlflow-pyfunc")
+
+`registry_admin` mounts `admin_app()` (POST /reload, GET /models, GET /registry/health,
+POST /registry/webhook), starts every host of the service when a worker starts, makes `/readyz`
+wait until every host's models are loaded, stops the hosts on shutdown, and answers 415 to a
+non-JSON body on the JSON routes. The routes find the host of the worker they run in.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+from typing import Any, Iterable, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from starlette.exceptions import HTTPException
+
+from registry.coordination import CoordinationError
+from registry.errors import GateRefused, ModelNotResolvable, ReloadFailed, SelectorError, UnknownModel
+from registry.record import Selector
+from runners.host import ModelHost, live_hosts
+
+logger = logging.getLogger(__name__)
+
+
+def error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+class ReloadRequest(BaseModel):
+    """Body of POST /reload: which model (default: every configured model) and which version."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[StrictStr] = Field(None, max_length=200)
+    alias: Optional[StrictStr] = Field(None, max_length=300)
+    version: Optional[StrictInt | StrictStr] = None  # strict: `true` or `1.0` is not version 1
+
+
+def _clean(value: object) -> str:
+    return str(value).encode("ascii", "backslashreplace").decode("ascii")
+
+
+async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    return error(exc.status_code, str(exc.detail))
+
+
+async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's own handler echoes the input back, which fails for lone surrogates, NaN or raw
+    # bytes (a 500); name the field and the problem only, in ASCII.
+    problems = [{"loc": [_clean(part) for part in e.get("loc", ())], "msg": _clean(e.get("msg", "")), "type": _clean(e.get("type", ""))}
+                for e in exc.errors()]
+    first = problems[0] if problems else {"loc": [], "msg": "invalid request"}
+    logger.info("[HYBRID] invalid admin request body: %s", first["msg"])
+    return JSONResponse({"error": f"invalid request body at {'.'.join(first['loc']) or 'body'}: {first['msg']}", "detail": problems},
+                        status_code=400)
+
+
+def _host_for(model: Optional[str] = None) -> ModelHost:
+    hosts = live_hosts()
+    if not hosts:
+        raise HTTPException(status_code=503, detail="no model host is running in this worker")
+    return next((h for h in hosts if model in h.names), hosts[0])
+
+
+def _merged(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    parts = list(parts)
+    if len(parts) == 1:
+        return parts[0]
+    merged = dict(parts[0])
+    merged["models"] = {k: v for p in parts for k, v in p.get("models", {}).items()}
+    merged["ready"] = all(p.get("ready") for p in parts)
+    merged["degraded"] = any(p.get("degraded") for p in parts)
+    return merged
+
+
+def _authorize(host: ModelHost, request: Request) -> Optional[JSONResponse]:
+    token = host.settings.admin_token
+    if token is None:
+        return error(403, "reload is disabled: REGISTRY_ADMIN_TOKEN is not set on the service")
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    # constant-time comparison of bytes; a missing header compares against nothing
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        client = request.client.host if request.client else "?"
+        logger.warning("[HYBRID] reload refused for %s: %s", client, "missing token" if not header else "wrong token")
+        return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
+def admin_app() -> FastAPI:
+    """A FastAPI app with the registry's admin routes; mount it with `bentoml.asgi_app(admin_app(), path="/")`."""
+    app = FastAPI(title="registry admin", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid_body)
+
+    @app.get("/models")
+    def models() -> JSONResponse:
+        return JSONResponse(_merged(h.models() for h in live_hosts() or [_host_for()]))
+
+    @app.get("/registry/health")
+    def registry_health() -> JSONResponse:
+        return JSONResponse(_merged(h.health() for h in live_hosts() or [_host_for()]))
+
+    @app.post("/registry/webhook")
+    async def registry_webhook(request: Request) -> JSONResponse:
+        """MLflow's registry webhook: verified with REGISTRY_WEBHOOK_SECRET, acted on in the background."""
+        body = await request.body()
+        status, answer = _host_for().follower.webhook(request.headers, body)
+        return JSONResponse(answer, status_code=status)
+
+    @app.post("/reload")
+    def reload(request: Request, body: Optional[ReloadRequest] = None) -> JSONResponse:
+        body = body or ReloadRequest()
+        host = _host_for(body.model)
+        denied = _authorize(host, request)
+        if denied is not None:
+            return denied
+        try:
+            selector = Selector.from_request(body.alias, body.version, default=host.settings.alias)
+        except SelectorError as exc:
+            logger.info("[HYBRID] reload refused: %s", exc)
+            return error(400, str(exc))
+        names = [body.model] if body.model else host.names
+        unknown = [n for n in names if n not in host.names]
+        if unknown:
+            return error(404, str(UnknownModel(unknown[0], host.names)))
+        client = request.client.host if request.client else "?"
+        logger.info("[HYBRID] reload requested by %s (%s): models %s, selector %s", client,
+                    request.headers.get("user-agent", "-"), names, selector)
+        results = []
+        for name in names:
+            try:
+                results.append(host.rollout(name, selector, trigger="reload"))
+            except ModelNotResolvable as exc:
+                return error(404, str(exc), model=name, trail=[a.to_dict() for a in exc.trail], done=results)
+            except ReloadFailed as exc:
+                cause = exc.__cause__
+                status = 404 if isinstance(cause, ModelNotResolvable) else 422
+                trail = [a.to_dict() for a in cause.trail] if isinstance(cause, ModelNotResolvable) else []
+                extra = {"gate": exc.figures} if isinstance(exc, GateRefused) else {}
+                return error(status, str(exc), model=name, trail=trail, done=results, **extra)
+            except CoordinationError as exc:
+                return error(503, f"reload coordination failed: {exc}", model=name, done=results)
+        return JSONResponse(results[0] if body.model or len(results) == 1 else {"reloads": results})
+
+    return app
+
+
+class JSONOnly:
+    """Answer 415 to a non-JSON body on the JSON APIs (BentoML turns a bad multipart body into a 500)."""
+
+    def __init__(self, app: Any, routes: tuple[str, ...] = ("/reload",)) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in self.routes:
+            content_type = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+            if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+                logger.info("[HYBRID] %s refused: content type %r", scope.get("path"), content_type)
+                response = error(415, f"expected an application/json body, got {content_type!r}")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = ()) -> Any:
+    """Give a BentoML service the registry's admin routes and its hosts' lifecycle.
+
+    Apply it above `@bentoml.service` (or call it on a service object). `json_routes`: the
+    service's own JSON API routes that should answer 415 to a non-JSON body, as `/reload` does.
+    """
+    if service is None:
+        return functools.partial(registry_admin, json_routes=json_routes)
+    import bentoml
+
+    cls = getattr(service, "inner", service)
+    hosts = [name for name in dir(cls) if isinstance(getattr(cls, name, None), ModelHost)]
+    if not hosts:
+        raise TypeError(f"{cls.__name__} declares no ModelHost attribute (e.g. `host = ModelHost(models=[...])`)")
+    original_init = cls.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        for name in hosts:
+            getattr(self, name)  # start the host now, not at the first request
+
+    def __is_ready__(self: Any) -> bool:
+        waiting = [getattr(self, name) for name in hosts if not getattr(self, name).ready()]
+        if waiting:
+            raise HTTPException(status_code=503, detail="not ready: " + "; ".join(h.manager.not_ready_reason() for h in waiting))
+        return True
+
+    @bentoml.on_shutdown
+    def _stop_registry_hosts(self: Any) -> None:
+        for name in hosts:
+            getattr(self, name).stop()
+
+    cls.__init__ = __init__
+    if "__is_ready__" not in vars(cls):
+        cls.__is_ready__ = __is_ready__
+    cls._stop_registry_hosts = _stop_registry_hosts
+    bentoml.asgi_app(admin_app(), path="/")(service)
+    if hasattr(service, "add_asgi_middleware"):
+        service.add_asgi_middleware(JSONOnly, routes=("/reload", *json_routes))
+    return service
