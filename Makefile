@@ -17,7 +17,7 @@ SERVE_MODELS ?= prompt_injection
 export REGISTRY_RELOAD_DIR ?= $(CURDIR)/data/reload
 PORT ?= 3000
 
-.PHONY: setup test serve demo-model training-api bench build clean
+.PHONY: setup test serve demo-model training-api bench build example-wheel clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ bench: setup
 
 build: setup
 	$(BIN)/bentoml build
+
+# The plugin as a wheel, for the example's bento: make example-wheel && cd examples/spam && ../../.venv/bin/bentoml build
+example-wheel: setup
+	$(BIN)/pip wheel -q --no-deps -w examples/spam/wheels .
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -16,12 +16,35 @@ from typing import Any, Optional
 
 import bentoml
 
-from registry.errors import ModelNotLoaded, UnknownModel
-from registry.settings import RegistrySettings
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from registry.errors import ModelNotLoaded, SettingsError, UnknownModel
+from registry.settings import ENV_PREFIX, RegistrySettings
 from runners.admin import error, registry_admin
 from runners.host import ModelHost
 
 logger = logging.getLogger("service")
+
+
+class ClassifierLimits(BaseSettings):
+    """What one classify request may hold; this service's own settings, beside the plugin's."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    max_texts: int = Field(256, ge=1)
+    """Most texts in one classify request (`REGISTRY_MAX_TEXTS`)."""
+
+    max_text_chars: int = Field(20_000, ge=1)
+    """Most characters in one text of a classify request (`REGISTRY_MAX_TEXT_CHARS`)."""
+
+    @classmethod
+    def from_env(cls) -> "ClassifierLimits":
+        try:
+            return cls()
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise SettingsError(ENV_PREFIX + str(err["loc"][0]).upper(), err.get("input"), err["msg"]) from exc
 
 
 @registry_admin(json_routes=("/classify",))
@@ -36,6 +59,9 @@ class SecurityClassifier:
     """Serves each model of REGISTRY_MODELS at the version the registry chain resolves, and follows the registry."""
 
     host = ModelHost()
+
+    def __init__(self) -> None:
+        self.limits = ClassifierLimits.from_env()
 
     @bentoml.api(route="/classify")
     async def classify(self, texts: list[str], model: Optional[str] = None) -> dict[str, Any]:
@@ -56,7 +82,7 @@ class SecurityClassifier:
         return {"model": served.identity(), "predictions": predictions}
 
     def _invalid(self, texts: list[str]) -> Optional[str]:
-        limits = self.host.settings
+        limits = self.limits
         if not texts:
             return "'texts' must be a non-empty list of strings"
         if len(texts) > limits.max_texts:

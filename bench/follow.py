@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import random
 import threading
 import time
 import uuid
@@ -127,6 +128,7 @@ class Fleet:
         self.replicas: list[ServiceProcess] = []
         self.stopped: set[int] = set()
         cache_key = f"follow-bench:{tag}:{uuid.uuid4().hex[:6]}"
+        self.redis_url, self.bus_prefix = lab.redis_url, f"{cache_key}:reload"
         for i in range(n):
             letter = "ab"[i] if n <= 2 else str(i)
             proxy = CountingProxy(mlflow_url, f"{tag}-{letter}")
@@ -171,6 +173,16 @@ class Fleet:
             raise errors[0]
         self.ready_s = time.perf_counter() - started
 
+    def generation(self) -> int:
+        """Orders announced on this fleet's reload bus so far."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            return int(client.get(f"{self.bus_prefix}:generation") or 0)
+        finally:
+            client.close()
+
     @property
     def live(self) -> list[ServiceProcess]:
         return [s for i, s in enumerate(self.replicas) if i not in self.stopped]
@@ -190,6 +202,7 @@ class Fleet:
         """Move the alias to `target`; seconds until each live replica answers with it (None: it did not)."""
         live = self.live
         reached: dict[int, float] = {}
+        wall0 = time.time()
         t0 = time.perf_counter()
         mlflow_client.set_registered_model_alias(PREFIX + self.model, ALIAS, target)
         set_s = time.perf_counter() - t0
@@ -218,7 +231,7 @@ class Fleet:
             with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
                 follow = svc.client.get("/registry/health").json()["follow"]
                 last = follow.get("last", {}).get(self.model)
-                if last:
+                if last and last.get("at", 0) >= wall0 - 0.5:  # this move's reconcile, not an earlier one's
                     who[svc.url] = {k: last.get(k) for k in ("trigger", "action", "version", "elapsed_ms", "acknowledged", "at")}
         loads = []
         for svc in live:
@@ -340,6 +353,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         stack.callback(forget_webhook, client, webhook.webhook_id)
         time.sleep(1.5)  # MLFLOW_WEBHOOK_CACHE_TTL=1: the server sees the new webhook from now on
         assert wh.versions() == ["1", "1"], wh.versions()
+        startup = {"webhook": wh.generation()}
         first = wh.move(client, "2", timeout=90)  # downloads version 2 on both replicas
         time.sleep(1.0)
         wh_moves = []
@@ -357,12 +371,14 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         poll = Fleet(lab, stack, "poll", 2, workers=1, poll_interval=conv_interval, mlflow_url=mlflow.url, s3_url=s3.url, model=model)
         assert poll.versions() == [current, current], poll.versions()
         time.sleep(conv_interval)
+        startup["poll"] = poll.generation()
         poll_moves = []
+        phase = random.Random(5)  # moves land at random points of the poll cycle, not just after a poll
         for i in range(moves_poll):
             target = "2" if current == "1" else "1"
             poll_moves.append(poll.move(client, target, timeout=3 * conv_interval + 30))
             current = target
-            time.sleep(1.0)
+            time.sleep(1.0 + phase.uniform(0, conv_interval))
         detail["poll"] = {"ready_s": round(poll.ready_s, 1), "interval_s": conv_interval, "moves": poll_moves}
 
         # -- 2. MLflow requests per poll interval, N=2 then N=1 ----------------------------------------
@@ -375,6 +391,9 @@ def run(lab: Lab, quick: bool) -> AreaReport:
             counting = Fleet(lab, stack, "count", 2, workers=count_workers, poll_interval=count_interval, mlflow_url=mlflow.url,
                              s3_url=s3.url, model=model)
         time.sleep(count_interval * 1.5)  # start-up resolutions done, the poll slot settled
+        if counting is not poll:
+            startup["count"] = counting.generation()
+        detail["rollouts_announced_at_startup"] = startup
         counts = [counting.count(count_intervals)]
         counting.stop_replica(1)
         time.sleep(count_interval * 1.5)
@@ -425,6 +444,12 @@ def run(lab: Lab, quick: bool) -> AreaReport:
                            if r.get("version") == m["target"] and r.get("action") == "rolled_out")
         report.notes.append(f"{label}: rollouts by trigger (from /registry/health follow.last) {dict(triggers)}; "
                             f"set_registered_model_alias median {median([m['set_alias_s'] for m in moves]) * 1000:.0f} ms")
+    for label, moves in (("webhook", wh_moves), ("poll", poll_moves)):
+        firsts = [min(x for x in m["replicas_s"] if x is not None) for m in moves if any(x is not None for x in m["replicas_s"])]
+        lasts = [m["all_s"] for m in moves if m["all_s"] is not None]
+        report.notes.append(f"{label}: first replica on the new version median {median(firsts) or 0:.2f} s, the other "
+                            f"{median(lasts) or 0:.2f} s (the one that reconciled, then the one that applied the bus order)")
+    report.notes.append(f"rollouts announced on each fleet's bus before any alias move (start-up; ideally 0): {startup}")
     per_move = [sum(sum(v.values()) for v in m["mlflow_requests"].values()) for m in wh_moves]
     report.notes.append(f"MLflow requests from both replicas per webhook move: {per_move} "
                         f"(e.g. {wh_moves[0]['mlflow_requests'] if wh_moves else '-'})")

@@ -7,16 +7,14 @@ the HTTP request resolves the version once, loads it itself, announces it, and w
 acknowledgements of the workers it knows are alive (each worker heartbeats).
 
 - With `REGISTRY_REDIS_URL`: keys under `<cache_key>:reload:*` (shared by all replicas).
-- Without: a directory private to this service run (keyed by the parent process, the BentoML
-  arbiter), with `fcntl` locks.
+- Without: a directory (`registry.local_bus`), private to this service run (keyed by the parent
+  process, the BentoML arbiter) unless `REGISTRY_RELOAD_DIR` names one.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-import fcntl
-import functools
 import json
 import logging
 import os
@@ -26,7 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Iterator, Optional
 
 import redis
 from redis.exceptions import LockError
@@ -43,22 +41,6 @@ HEARTBEAT_TTL = 6.0
 
 class CoordinationError(RegistryError):
     """The reload bus (Redis or the local directory) could not be used."""
-
-
-_T = TypeVar("_T")
-
-
-def _local_io(method: Callable[..., _T]) -> Callable[..., _T]:
-    """A local bus whose directory cannot be read or written raises CoordinationError, never a raw OSError."""
-
-    @functools.wraps(method)
-    def wrapper(self: "FileReloadBus", *args: Any, **kwargs: Any) -> _T:
-        try:
-            return method(self, *args, **kwargs)
-        except OSError as exc:
-            raise CoordinationError(f"local reload bus {self.dir}: {type(exc).__name__}: {exc}") from exc
-
-    return wrapper
 
 
 def worker_id() -> str:
@@ -196,7 +178,9 @@ class RedisReloadBus(ReloadBus):
     def lock(self, timeout: float) -> Iterator[None]:
         # A short TTL, renewed while the reload runs: a lock whose SET reached a paused Redis after
         # the client gave up (a phantom holder) expires by itself within LOCK_TTL seconds.
-        lock = self.client.lock(f"{self.prefix}:lock", timeout=LOCK_TTL, blocking_timeout=max(timeout, LOCK_TTL + 5))
+        # thread_local=False: the renewer thread must see the token the reloading thread took.
+        lock = self.client.lock(f"{self.prefix}:lock", timeout=LOCK_TTL, blocking_timeout=max(timeout, LOCK_TTL + 5),
+                                thread_local=False)
         if not self._call(lock.acquire):
             raise CoordinationError(f"another reload held the lock for more than {max(timeout, LOCK_TTL + 5):.0f}s")
         done = threading.Event()
@@ -275,125 +259,6 @@ class RedisReloadBus(ReloadBus):
         self.client.close()
 
 
-class FileReloadBus(ReloadBus):
-    """The same protocol in a local directory, for a service without Redis."""
-
-    kind = "local"
-
-    def __init__(self, directory: Path):
-        self.dir = Path(directory)
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CoordinationError(f"reload directory {self.dir}: {exc}") from exc
-
-    @contextlib.contextmanager
-    def _flock(self, name: str, timeout: float = 30.0) -> Iterator[None]:
-        deadline = time.monotonic() + timeout
-        try:
-            fh = open(self.dir / name, "a")
-        except OSError as exc:
-            raise CoordinationError(f"local reload bus {self.dir}: {exc}") from exc
-        with fh:
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise CoordinationError(f"lock {self.dir / name} held for more than {timeout}s") from None
-                    time.sleep(0.05)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
-    def lock(self, timeout: float) -> contextlib.AbstractContextManager[None]:
-        return self._flock("reload.lock", timeout)
-
-    def _read_log(self) -> dict[str, Any]:
-        try:
-            data = json.loads((self.dir / "orders.json").read_text())
-            return data if isinstance(data, dict) else {"generation": 0, "orders": []}
-        except (FileNotFoundError, ValueError):
-            return {"generation": 0, "orders": []}
-
-    def _write_json(self, name: str, data: Any) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, self.dir / name)
-
-    @_local_io
-    def announce(self, model: str, version: str, selector: str, issued_by: str, kind: str = RELOAD) -> ReloadOrder:
-        with self._flock("orders.lock"):
-            data = self._read_log()
-            order = ReloadOrder(int(data["generation"]) + 1, model, version, selector, issued_by, time.time(), kind)
-            data["generation"] = order.generation
-            data["orders"] = (data.get("orders", []) + [json.loads(order.to_json())])[-LOG_LENGTH:]
-            self._write_json("orders.json", data)
-        return order
-
-    @_local_io
-    def generation(self) -> int:
-        return int(self._read_log().get("generation", 0))
-
-    @_local_io
-    def orders_after(self, generation: int) -> list[ReloadOrder]:
-        out = []
-        for raw in self._read_log().get("orders", []):
-            try:
-                order = ReloadOrder.from_json(json.dumps(raw))
-            except (ValueError, KeyError, TypeError) as exc:
-                logger.warning("[HYBRID] unreadable reload order skipped: %s", exc)
-                continue
-            if order.generation > generation:
-                out.append(order)
-        return out
-
-    @_local_io
-    def ack(self, generation: int, worker: str, result: dict[str, Any]) -> None:
-        self._write_json(f"ack-{generation}-{_file_safe(worker)}.json", {"worker": worker, **result})
-
-    @_local_io
-    def acks(self, generation: int) -> dict[str, dict[str, Any]]:
-        out = {}
-        for path in self.dir.glob(f"ack-{generation}-*.json"):
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                data = json.loads(path.read_text())
-                out[data.pop("worker")] = data
-        return out
-
-    @_local_io
-    def claim(self, key: str, ttl: float) -> bool:
-        with self._flock("claims.lock"):
-            path = self.dir / f"claim-{_file_safe(key)}"
-            try:
-                if time.time() - path.stat().st_mtime < ttl:
-                    return False
-            except FileNotFoundError:
-                pass
-            path.write_text(worker_id())
-            return True
-
-    @_local_io
-    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None) -> None:
-        self._write_json(f"worker-{_file_safe(worker)}.json", {"worker": worker, "at": time.time(), "serving": serving or {}})
-
-    @_local_io
-    def _live(self) -> dict[str, dict[str, Any]]:
-        now = time.time()
-        live = {}
-        for path in self.dir.glob("worker-*.json"):
-            with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
-                data = json.loads(path.read_text())
-                if now - float(data["at"]) <= HEARTBEAT_TTL:
-                    live[str(data["worker"])] = {"at": float(data["at"]), "serving": data.get("serving") or {}}
-                else:
-                    path.unlink(missing_ok=True)
-        return live
-
-
 def _beat(raw: bytes) -> Optional[dict[str, Any]]:
     """A heartbeat value: JSON {"at", "serving"}, or a bare timestamp (older workers)."""
     try:
@@ -410,3 +275,6 @@ def _beat(raw: bytes) -> Optional[dict[str, Any]]:
 
 def _file_safe(worker: str) -> str:
     return worker.replace("/", "_").replace(":", "_")
+
+
+from registry.local_bus import FileReloadBus  # noqa: E402 - the local backend builds on the classes above

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
-    from registry.record import LayerAttempt
+    from registry.trail import LayerAttempt
 
 
 def safe_repr(value: object, limit: int = 80) -> str:

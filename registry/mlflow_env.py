@@ -33,18 +33,21 @@ def mlflow_uris(uri: Optional[str]) -> Iterator[None]:
     inherit. One such operation at a time per process.
     """
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
 
     names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
     with _FLUENT_LOCK:
         saved = {k: os.environ.get(k) for k in names}
-        previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+        # MLflow's own module state, not get_*_uri(): those compute a default (a local sqlite
+        # store) that, set back, would stick for every client created later in this process.
+        previous = (tracking_state._tracking_uri, registry_state._registry_uri)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         try:
             yield
         finally:
-            mlflow.set_tracking_uri(previous[0])
-            mlflow.set_registry_uri(previous[1])
+            tracking_state._tracking_uri, registry_state._registry_uri = previous
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)

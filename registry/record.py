@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import enum
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Optional
 
 from registry.errors import PayloadError, SelectorError, safe_repr
+from registry.trail import LayerAttempt, Outcome  # noqa: F401 - part of this module's API
 
 LATEST = "latest"
 BEST = "best"
@@ -57,29 +57,6 @@ class Selector:
 
     def __str__(self) -> str:
         return self.value
-
-
-class Outcome(str, enum.Enum):
-    HIT = "hit"
-    MISS = "miss"
-    UNAVAILABLE = "unavailable"
-    REJECTED = "rejected"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class LayerAttempt:
-    """One layer's answer during one resolution."""
-
-    source: str
-    outcome: Outcome
-    elapsed_ms: float
-    detail: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "outcome": self.outcome.value, "elapsed_ms": round(self.elapsed_ms, 3), "detail": self.detail}
 
 
 def _version_str(value: object, where: str) -> str:

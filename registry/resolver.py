@@ -97,13 +97,16 @@ class Resolver:
             try:
                 answer = source.lookup(name, selector)
                 if answer is not None:
-                    self.allow.check(answer.record, fallback=source.stand_in)
+                    try:
+                        self.allow.check(answer.record, fallback=source.stand_in)
+                    except ArtifactError as exc:
+                        raise SourceRejected(source.source_id, str(exc)) from exc
             except SourceUnavailable as exc:
                 breaker.record_failure()
                 source.note_failure("unavailable", exc.reason)
                 trail.append(LayerAttempt(source.source_id, Outcome.UNAVAILABLE, _ms(start), exc.reason))
                 continue
-            except (PayloadError, SourceRejected, ArtifactError) as exc:
+            except (PayloadError, SourceRejected) as exc:
                 breaker.record_success()  # it answered; what it holds is the problem
                 source.logger.warning("%s %s rejected for model %r: %s", source.tag, source.source_id, name, exc)
                 trail.append(LayerAttempt(source.source_id, Outcome.REJECTED, _ms(start), str(exc)))

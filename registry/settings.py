@@ -38,7 +38,8 @@ class GateSpec(BaseModel):
 
 
 class RegistrySettings(BaseSettings):
-    """Every knob of the resolver and the service; `REGISTRY_<FIELD>` in the environment."""
+    """Every knob of the registry plugin (chain, trust, follow, reload bus, runners and batching);
+    `REGISTRY_<FIELD>` in the environment. A service's own limits live with the service."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True)
 
@@ -111,17 +112,15 @@ class RegistrySettings(BaseSettings):
     allow_pickle: bool = False
     """Load pickle-format artifacts whose digest is unknown."""
 
-    max_texts: int = Field(256, ge=1)
-    """Most texts in one classify request."""
+    forward_batch_size: int = Field(8, ge=1, validation_alias=AliasChoices(
+        "REGISTRY_FORWARD_BATCH_SIZE", "REGISTRY_MAX_BATCH_SIZE", "forward_batch_size", "max_batch_size"))
+    """Most texts in one forward pass (texts of similar length are grouped; on CPU small groups win).
+    `REGISTRY_MAX_BATCH_SIZE`, its former name, is still read."""
 
-    max_text_chars: int = Field(20_000, ge=1)
-    """Most characters in one text of a classify request."""
-
-    max_batch_size: int = Field(8, ge=1)
-    """Most texts in one forward pass (texts of similar length are grouped; on CPU small groups win)."""
-
-    batch_window: int = Field(32, ge=1)
-    """Most texts the batcher gathers from queued requests at once, before grouping them by length."""
+    batch_max_texts: int = Field(32, ge=1, validation_alias=AliasChoices(
+        "REGISTRY_BATCH_MAX_TEXTS", "REGISTRY_BATCH_WINDOW", "batch_max_texts", "batch_window"))
+    """Most texts the batcher gathers from queued requests at once, before grouping them by length.
+    `REGISTRY_BATCH_WINDOW`, its former name, is still read."""
 
     torch_threads: int = Field(1, ge=1)
     """Torch threads per worker; one per worker keeps a shared 2-core machine from thrashing."""
@@ -202,7 +201,10 @@ class RegistrySettings(BaseSettings):
         except ValidationError as exc:
             err = exc.errors()[0]
             field = str(err["loc"][0]) if err["loc"] else "?"
-            variable = "MLFLOW_TRACKING_URI" if field == "mlflow_tracking_uri" else ENV_PREFIX + field.upper()
+            if field.isupper():  # an environment alias already names the variable
+                raise SettingsError(field, err.get("input"), err["msg"]) from exc
+            variable = {"mlflow_tracking_uri": "MLFLOW_TRACKING_URI", "max_batch_size": "REGISTRY_FORWARD_BATCH_SIZE",
+                        "batch_window": "REGISTRY_BATCH_MAX_TEXTS"}.get(field, ENV_PREFIX + field.upper())
             raise SettingsError(variable, err.get("input"), err["msg"]) from exc
 
     def registered_name(self, model: str) -> str:

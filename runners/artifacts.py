@@ -11,18 +11,18 @@ Cache layout, one entry per name, version and digest:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 from registry.allowlist import AllowList
 from registry.digest import tree_sha256
 from registry.errors import ArtifactError
+from registry.files import locked
 from registry.mlflow_env import mlflow_uris
 from registry.record import ModelRecord
 from registry.settings import RegistrySettings
@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 ARTIFACT_DIR = "artifact"
 COMPLETE_MARKER = ".complete"
 UNVERIFIED = "unverified"
+#: Seconds to wait for another worker's download of the same artifact.
+FETCH_LOCK_TIMEOUT = 600.0
 HUGGINGFACE_SOURCE = "huggingface"
 
 #: Written by MLflow beside a model it downloads through a `models:/` URI; it is not part of the
@@ -96,19 +98,10 @@ class ArtifactStore:
         logger.info("[FALLBACK] %s uses the hub id %s", record.name, record.model_uri)
         return record.model_uri
 
-    @contextlib.contextmanager
-    def _locked(self, lock_path: Path, record: ModelRecord) -> Iterator[None]:
-        try:
-            fh = open(lock_path, "a+")
-        except OSError as exc:
-            raise ArtifactError(record.location, f"cannot open lock file {lock_path}: {exc}") from exc
-        with fh:
-            # Blocks while another process or worker fetches the same entry; it finds the cache filled.
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    @staticmethod
+    def _locked(lock_path: Path, record: ModelRecord) -> contextlib.AbstractContextManager[None]:
+        # Waits while another process or worker fetches the same entry; it then finds the cache filled.
+        return locked(lock_path, FETCH_LOCK_TIMEOUT, lambda reason: ArtifactError(record.location, reason))
 
     def _cached(self, record: ModelRecord, entry: Path) -> Optional[Path]:
         artifact = entry / ARTIFACT_DIR

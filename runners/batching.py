@@ -14,13 +14,13 @@ from typing import Any, Callable, Optional
 
 
 class MicroBatcher:
-    """Groups concurrent requests into forward passes of at most `max_batch_size` texts."""
+    """Groups concurrent requests into forward passes of at most `max_texts` texts."""
 
     def __init__(self, predict: Callable[[list[str]], list[dict[str, Any]]], executor: Executor, *,
-                 max_batch_size: int, wait_ms: float = 0.0):
+                 max_texts: int, wait_ms: float = 0.0):
         self._predict = predict
         self._executor = executor
-        self.max_batch_size = max_batch_size
+        self.max_texts = max_texts
         self.wait_s = wait_ms / 1000.0
         self._pending: deque[tuple[list[str], asyncio.Future]] = deque()
         self._draining = False
@@ -40,7 +40,7 @@ class MicroBatcher:
         """At least one request; more while they fit in one batch (a big request goes alone)."""
         batch = [self._pending.popleft()]
         size = len(batch[0][0])
-        while self._pending and size + len(self._pending[0][0]) <= self.max_batch_size:
+        while self._pending and size + len(self._pending[0][0]) <= self.max_texts:
             texts, future = self._pending.popleft()
             batch.append((texts, future))
             size += len(texts)

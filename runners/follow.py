@@ -87,6 +87,10 @@ class Follower:
         return outcome
 
     def _reconcile(self, name: str, trigger: str) -> dict[str, Any]:
+        if name not in self.host.manager.served():
+            # Start-up resolves (and retries) what the selector names; rolling out before the first
+            # load finished would only repeat it, holding the reload lock while it waits.
+            return {"action": "none", "reason": "not loaded yet: start-up resolves it"}
         start = time.perf_counter()
         try:
             section = self.host.resolver.refresh_from_authority(name)

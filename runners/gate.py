@@ -92,15 +92,16 @@ class PromotionGate:
         spec = self.specs.get(model)
         if spec is None:
             return None
-        figures: dict[str, Any] = {"examples": len(self.sets[model].texts), "accuracy": round(self._score(model, version, sha256, predict), 4),
+        accuracy = self._score(model, version, sha256, predict)  # compared unrounded; rounded for display
+        figures: dict[str, Any] = {"examples": len(self.sets[model].texts), "accuracy": round(accuracy, 4),
                                    "min_accuracy": spec.min_accuracy}
-        if figures["accuracy"] < spec.min_accuracy:
-            figures["reason"] = f"accuracy {figures['accuracy']:.4f} on the gate set is below min_accuracy {spec.min_accuracy}"
+        if accuracy < spec.min_accuracy:
+            figures["reason"] = f"accuracy {accuracy:.4f} on the gate set is below min_accuracy {spec.min_accuracy}"
         elif serving is not None and spec.max_drop is not None and serving[0] != version:
-            baseline = round(self._score(model, serving[0], serving[1], serving[2]), 4)
-            figures.update(serving_version=serving[0], serving_accuracy=baseline, max_drop=spec.max_drop)
-            if figures["accuracy"] < baseline - spec.max_drop - 1e-9:
-                figures["reason"] = (f"accuracy {figures['accuracy']:.4f} is more than max_drop {spec.max_drop} below "
+            baseline = self._score(model, serving[0], serving[1], serving[2])
+            figures.update(serving_version=serving[0], serving_accuracy=round(baseline, 4), max_drop=spec.max_drop)
+            if accuracy < baseline - spec.max_drop - 1e-9:
+                figures["reason"] = (f"accuracy {accuracy:.4f} is more than max_drop {spec.max_drop} below "
                                      f"version {serving[0]}'s {baseline:.4f} on the gate set")
         if "reason" in figures:
             logger.warning("[HYBRID] gate refused %s version %s: %s", model, version, figures["reason"])

@@ -140,7 +140,7 @@ class ModelManager:
     def _load(self, resolution: Resolution) -> ServedModel:
         runner = self.runner_factory(resolution.record, self.settings)
         runner.load()  # fetch, verify, build, warm up: raises ArtifactError saying why
-        batcher = MicroBatcher(runner.predict, self.executor, max_batch_size=self.settings.batch_window,
+        batcher = MicroBatcher(runner.predict, self.executor, max_texts=self.settings.batch_max_texts,
                                wait_ms=self.settings.batch_wait_ms)
         return ServedModel(runner=runner, resolution=resolution, batcher=batcher)
 

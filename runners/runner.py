@@ -26,6 +26,7 @@ from registry.errors import ArtifactError
 from registry.record import ModelRecord
 from registry.settings import RegistrySettings
 from runners.artifacts import ArtifactStore
+from runners.pt2 import check_pickle_free, import_pytree_types, input_shape, logits_of, static_batch_forward
 
 logger = logging.getLogger(__name__)
 
@@ -115,14 +116,6 @@ def _max_length(tokenizer: Any) -> int:
     return min(int(getattr(tokenizer, "model_max_length", MAX_LENGTH_CAP) or MAX_LENGTH_CAP), MAX_LENGTH_CAP)
 
 
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    return output[0]
-
-
 def _extra_files_dir(path: Path, flavor: Mapping[str, Any]) -> Path:
     """The folder of the tokenizer files and config.json logged with `extra_files`."""
     entries = flavor.get("extra_files") or []
@@ -144,116 +137,6 @@ def _sequence_classifier(source: Union[Path, str], device: torch.device) -> Any:
     if missing:
         raise ArtifactError(str(source), f"not a trained sequence classifier: weights missing for {', '.join(missing)}")
     return model.to(device).eval()
-
-
-def _pt2_input_shape(program: Any, where: str) -> tuple[Optional[int], Optional[int], Optional[int]]:
-    """(static batch size, static sequence length, largest sequence length) of an exported program.
-
-    MLflow exports `-1` signature dims with `Dim.AUTO`: they stay dynamic unless the model forced
-    them static, and the sequence dim gets the model's position limit as its upper bound.
-    """
-    import sympy
-
-    user_inputs = list(program.graph_signature.user_inputs)
-    if len(user_inputs) != 2:
-        raise ArtifactError(where, f"pt2 program must take (input_ids, attention_mask), it takes {user_inputs}")
-    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0])
-    shape = node.meta["val"].shape
-    if len(shape) != 2:
-        raise ArtifactError(where, f"pt2 program expects 2-d input_ids, got {len(shape)} dims")
-
-    def static_and_upper(dim: Any) -> tuple[Optional[int], Optional[int]]:
-        if isinstance(dim, int):
-            return dim, dim
-        bounds = program.range_constraints.get(dim.node.expr)
-        upper = None if bounds is None else bounds.upper
-        return None, int(upper) if isinstance(upper, sympy.Integer) else None
-
-    batch, _ = static_and_upper(shape[0])
-    seq, seq_upper = static_and_upper(shape[1])
-    return batch, seq, seq_upper
-
-
-def _static_batch_forward(module: Any, batch: int) -> Callable[[Encoded], torch.Tensor]:
-    """Runs a program exported with a fixed batch size on any number of rows, padding the last chunk."""
-
-    def forward(encoded: Encoded) -> torch.Tensor:
-        ids, mask = encoded["input_ids"], encoded["attention_mask"]
-        out = []
-        for start in range(0, ids.shape[0], batch):
-            chunk_ids, chunk_mask = ids[start : start + batch], mask[start : start + batch]
-            rows = chunk_ids.shape[0]
-            if rows < batch:
-                chunk_ids = torch.cat([chunk_ids, chunk_ids[:1].expand(batch - rows, -1)])
-                chunk_mask = torch.cat([chunk_mask, chunk_mask[:1].expand(batch - rows, -1)])
-            out.append(_logits(module(chunk_ids, chunk_mask))[:rows])
-        return torch.cat(out)
-
-    return forward
-
-
-def _import_pt2_pytree_types(model_file: Path) -> None:
-    """Import the `transformers` modules that define the pytree types a pt2 program refers to.
-
-    A program exported from a Hugging Face model returns a `ModelOutput`, which transformers
-    registers as a pytree node only when the class is defined; `torch.export.load` fails on a type
-    not registered yet, so whether it loaded would depend on what the process imported before.
-    The types are read from the archive's JSON records (the `in_spec`/`out_spec` tree specs of
-    `models/*.json`), and only modules under `transformers.` are ever imported from them.
-    """
-    import importlib
-    import zipfile
-
-    from torch.utils import _pytree
-
-    names: set[str] = set()
-    try:
-        with zipfile.ZipFile(model_file) as archive:
-            for member in archive.namelist():
-                if not (member.endswith(".json") and Path(member).parent.name == "models"):
-                    continue
-                stack: list[Any] = [json.loads(archive.read(member))]
-                while stack:
-                    node = stack.pop()
-                    if isinstance(node, dict):
-                        for key, value in node.items():
-                            if key in ("in_spec", "out_spec") and isinstance(value, str):
-                                stack.append(json.loads(value))  # [protocol, {"type", "context", "children_spec"}]
-                            elif key == "type" and isinstance(value, str) and "children_spec" in node:
-                                names.add(value)
-                            else:
-                                stack.append(value)
-                    elif isinstance(node, list):
-                        stack.extend(node)
-    except (OSError, zipfile.BadZipFile, UnicodeDecodeError, ValueError) as exc:
-        raise ArtifactError(str(model_file), f"unreadable pt2 archive: {type(exc).__name__}: {exc}") from exc
-    for name in sorted(names - set(_pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE)):
-        module_name = name.rpartition(".")[0]
-        if not (name.startswith("transformers.") and all(part.isidentifier() for part in module_name.split("."))):
-            continue  # not ours to import: torch.export.load reports it if it stays unregistered
-        try:
-            importlib.import_module(module_name)
-        except Exception as exc:  # ImportError, or whatever a module raises while importing
-            raise ArtifactError(
-                str(model_file), f"pt2 program refers to pytree type {name}, and {module_name} cannot be imported: {type(exc).__name__}: {exc}"
-            ) from exc
-        if name not in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
-            raise ArtifactError(str(model_file), f"pt2 program refers to pytree type {name}, which importing {module_name} does not register")
-
-
-def _check_pt2_pickle_free(model_file: Path) -> None:
-    # torch.export.load unpickles weights and constants with weights_only=False, so an archive
-    # whose digest is unknown is only loaded when every record passes MLflow's pickle-free check.
-    from mlflow.exceptions import MlflowException
-
-    try:
-        from mlflow.pytorch import _validate_pt2_archive_is_pickle_free as validate
-    except ImportError as exc:
-        raise ArtifactError(str(model_file), "pt2 archive with no sha256, and this MLflow cannot check it for pickled records") from exc
-    try:
-        validate(str(model_file))
-    except MlflowException as exc:
-        raise ArtifactError(str(model_file), f"pt2 archive with no sha256 holds pickled records: {exc.message}") from exc
 
 
 class TextClassificationRunner:
@@ -350,19 +233,19 @@ class TextClassificationRunner:
         """Classify texts; one `{"label", "score"}` per text, in order.
 
         Texts are tokenized once, sorted by length and run in groups of similar length (at most
-        `settings.max_batch_size` each): a batch is padded to its longest text, and one long text
+        `settings.forward_batch_size` each): a batch is padded to its longest text, and one long text
         would otherwise make every short text in its batch as slow as itself.
         """
         if not texts:
             return []
         model = self._require()
         if model.pad_to_max_length:  # a program exported for one sequence length: nothing to gain
-            step = self.settings.max_batch_size
+            step = self.settings.forward_batch_size
             return [r for start in range(0, len(texts), step) for r in self.predict_encoded(self.tokenize(texts[start:start + step]))]
         features = model.tokenizer(list(texts), truncation=True, max_length=model.max_length)
         lengths = [len(ids) for ids in features["input_ids"]]
         results: list[dict[str, Any]] = [{}] * len(texts)
-        for group in length_groups(lengths, self.settings.max_batch_size):
+        for group in length_groups(lengths, self.settings.forward_batch_size):
             batch = model.tokenizer.pad({key: [values[i] for i in group] for key, values in features.items()}, return_tensors="pt")
             for i, result in zip(group, self.predict_encoded(batch)):
                 results[i] = result
@@ -451,12 +334,12 @@ class TextClassificationRunner:
         extra = _extra_files_dir(path, flavor)
         model_file = path / str(flavor.get("model_data", "data")) / "model.pt2"
         if not (self.record.sha256 or self.settings.allow_pickle):
-            _check_pt2_pickle_free(model_file)
-        _import_pt2_pytree_types(model_file)  # load order must not matter
+            check_pickle_free(model_file)
+        import_pytree_types(model_file)  # load order must not matter
         program = torch.export.load(str(model_file))
         if self.device.type != "cpu":
             program = move_to_device_pass(program, self.device)
-        batch, seq, seq_upper = _pt2_input_shape(program, str(path))
+        batch, seq, seq_upper = input_shape(program, str(path))
         # An exported program is already in eval mode; its module() refuses .eval().
         module = program.module()
         tokenizer = AutoTokenizer.from_pretrained(extra)
@@ -467,9 +350,9 @@ class TextClassificationRunner:
             max_length, pad_to_max = min(_max_length(tokenizer), seq_upper or MAX_LENGTH_CAP), False
         logger.info("%s pt2 program for %s: batch %s, sequence %s", self._tag, self.record.name, batch or "dynamic", seq or f"dynamic <= {max_length}")
         if batch is None:
-            forward: Callable[[Encoded], torch.Tensor] = lambda enc: _logits(module(enc["input_ids"], enc["attention_mask"]))
+            forward: Callable[[Encoded], torch.Tensor] = lambda enc: logits_of(module(enc["input_ids"], enc["attention_mask"]))
         else:
-            forward = _static_batch_forward(module, batch)
+            forward = static_batch_forward(module, batch)
         return _LoadedModel(tokenizer, forward, labels, max_length, pad_to_max)
 
     def _load_huggingface(self, location: Union[Path, str]) -> _LoadedModel:
@@ -481,5 +364,5 @@ class TextClassificationRunner:
 
     @staticmethod
     def _transformers_model(tokenizer: Any, model: Any, labels: tuple[str, ...]) -> _LoadedModel:
-        return _LoadedModel(tokenizer, lambda enc: _logits(model(**enc)), labels, _max_length(tokenizer))
+        return _LoadedModel(tokenizer, lambda enc: logits_of(model(**enc)), labels, _max_length(tokenizer))
 

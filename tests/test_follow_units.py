@@ -243,17 +243,8 @@ def bus_calls(bus: ReloadBus) -> dict[str, Callable[[], Any]]:
     }
 
 
-_BROKEN_DIR_BUG = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="BUG registry/coordination.py:361,387 (FileReloadBus.acks/_live): Path.glob on a path that is no "
-           "longer a directory yields nothing, so acks/live_workers/serving answer empty instead of raising CoordinationError")
-
-
 @pytest.mark.parametrize("method", [
-    "announce", "generation", "orders_after", "ack", "claim", "heartbeat", "lock",
-    pytest.param("acks", marks=_BROKEN_DIR_BUG),
-    pytest.param("live_workers", marks=_BROKEN_DIR_BUG),
-    pytest.param("serving", marks=_BROKEN_DIR_BUG),
+    "announce", "generation", "orders_after", "ack", "claim", "heartbeat", "lock", "acks", "live_workers", "serving",
 ])
 def test_file_bus_on_a_directory_replaced_by_a_file_raises_coordination_error(tmp_path, method):
     directory = tmp_path / "bus"
@@ -331,6 +322,29 @@ def test_concurrent_claims_have_exactly_one_winner(any_bus):
         t.join(timeout=20)
     assert len(results) == n
     assert results.count(True) == 1
+
+
+def _claim_many(directory: str, keys: int, start: Any, out: Any) -> None:
+    bus = FileReloadBus(Path(directory))
+    start.wait(30)
+    out.put([k for k in range(keys) if bus.claim(f"race-{k}", 60)])
+
+
+def test_file_bus_claims_from_many_processes_have_one_winner_per_key(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    keys, n = 1000, 8
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_claim_many, args=(str(tmp_path / "bus"), keys, start, out)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    start.set()
+    won = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    winners = sorted(k for ks in won for k in ks)
+    assert winners == list(range(keys)), "each key claimed by exactly one process"
 
 
 def test_heartbeat_serving_round_trip(any_bus):
@@ -513,6 +527,22 @@ def test_a_version_deleted_in_mlflow_is_not_answered_by_backup_or_memory(two_ver
     assert outcomes(err.value) == [("mlflow", "miss"), ("file", "miss")]
     # the version left still resolves
     assert resolver.resolve(name, "2").record.version == "2"
+
+
+@pytest.mark.servers
+def test_mlflow_no_is_final_even_while_the_cache_layer_is_down(two_versions, mlflow_srv):
+    name, settings = two_versions
+    # Redis is configured but down: a registry layer failed, which alone would let memory answer
+    with_dead_cache = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    resolver = Resolver.from_settings(with_dead_cache)
+    res = resolver.resolve(name, "1")
+    assert outcomes(res) == [("redis", "unavailable"), ("mlflow", "hit")]
+
+    mlflow_client(mlflow_srv.url).delete_model_version(settings.registered_name(name), "1")
+    with pytest.raises(ModelNotResolvable) as err:
+        resolver.resolve(name, "1")
+    assert outcomes(err.value) == [("redis", "unavailable"), ("mlflow", "miss"), ("file", "miss")]
+    assert "memory" not in str(err.value)
 
 
 @pytest.mark.servers

@@ -178,9 +178,6 @@ def test_a_predictor_that_answers_fewer_labels_counts_the_missing_ones_wrong(tmp
     assert err.value.figures["accuracy"] == 0.25
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG runners/gate.py:95-97: accuracy is rounded to 4 places before it is compared with "
-                          "min_accuracy, so 2/3 (0.666667) passes min_accuracy=0.6667")
 def test_accuracy_just_below_min_accuracy_is_refused(tmp_path):
     rows = [{"text": "a", "label": "SAFE"}, {"text": "b", "label": "SAFE"}, {"text": "c", "label": "INJECTION"}]
     gate = gate_for(tmp_path, min_accuracy=0.6667, rows=rows)

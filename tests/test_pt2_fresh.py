@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from registry.errors import ArtifactError
-from runners.runner import _import_pt2_pytree_types
+from runners.pt2 import import_pytree_types as _import_pt2_pytree_types
 from tests.helpers import publish_tiny, settings_for, tiny_predictions
 
 ROOT = Path(__file__).resolve().parents[1]

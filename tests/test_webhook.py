@@ -178,7 +178,7 @@ def wait_until_live(client, rx: Receiver, probe: str) -> None:
 def test_real_mlflow_server_deliveries_verify_and_parse(mlflow_srv):
     from mlflow import MlflowClient
 
-    client = MlflowClient(mlflow_srv.url)
+    client = MlflowClient(tracking_uri=mlflow_srv.url, registry_uri=mlflow_srv.url)
     name = f"webhook-{uuid.uuid4().hex[:8]}"
     with receiver() as rx:
         hook = client.create_webhook(name=f"{name}-hook", url=rx.url, events=list(EVENTS), secret=SECRET)

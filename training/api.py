@@ -1,7 +1,7 @@
 """The reference training API: `GET /models/latest` answers the registry payload, `GET /health`.
 
-It serves the registry the way the seed's training service does, cache -> MLflow -> file, and
-refreshes the cache and the file when it had to ask MLflow. Run it with
+It serves the registry the way the seed's training service does, in the resolver's order
+(cache -> MLflow -> file), and refreshes the cache and the file when it had to ask MLflow. Run it with
 `python -m training.api --port 8002` (settings from the same `REGISTRY_*` variables).
 """
 
@@ -22,51 +22,46 @@ from registry.errors import PayloadError, SourceUnavailable
 from registry.payload import RegistryPayload
 from registry.settings import RegistrySettings
 from registry.signing import PayloadCodec
-from registry.sources.file_backup import FileBackupSource
+from registry.resolver import Resolver
 from registry.sources.mlflow_registry import MLflowRegistrySource
 from registry.sources.payload_source import write_all
-from registry.sources.redis_cache import RedisCacheSource
+from registry.sources.training_api import TrainingAPISource
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingRegistry:
-    """The training service's view of the registry: Redis cache, then MLflow, then the file."""
+    """The training service's view of the registry: the service's chain without itself and the fallback.
+
+    The order is the resolver's (cache, MLflow, file); a payload read from MLflow is written to
+    the cache and the file.
+    """
 
     def __init__(self, settings: RegistrySettings):
-        self.cache = RedisCacheSource.from_settings(settings)
-        self.mlflow = MLflowRegistrySource.from_settings(settings)
-        self.backup = FileBackupSource.from_settings(settings)
+        resolver = Resolver.from_settings(settings)
+        self.layers = [s for s in resolver.sources if not isinstance(s, TrainingAPISource) and not s.stand_in]
+        self.cache, self.mlflow, self.backup = resolver.cache, resolver.authority, resolver.backup
         self.codec = PayloadCodec.from_secret(settings.signing_key)
 
     def payload(self) -> tuple[Optional[RegistryPayload], str, list[str]]:
         """The payload, the layer that gave it, and why the layers above it did not."""
         problems: list[str] = []
-        if self.cache is not None:
+        for layer in self.layers:
             try:
-                cached = self.cache.load_payload()
-                if cached is not None:
-                    return cached, "redis", problems
-                problems.append("redis: empty")
+                if isinstance(layer, MLflowRegistrySource):
+                    payload: Optional[RegistryPayload] = layer.payload()
+                    write_all((self.cache, self.backup), lambda target: target.store_payload(payload), "refresh failed")
+                else:
+                    payload = layer.load_payload()
             except (SourceUnavailable, PayloadError) as exc:
-                logger.warning("[CACHE] %s", exc)
-                problems.append(f"redis: {exc}")
-        if self.mlflow is not None:
-            try:
-                fresh = self.mlflow.payload()
-                write_all((self.cache, self.backup), lambda target: target.store_payload(fresh), "refresh failed")
-                return fresh, "mlflow", problems
-            except SourceUnavailable as exc:
-                logger.warning("[MLFLOW] %s", exc)
-                problems.append(f"mlflow: {exc.reason}")
-        try:
-            backup = self.backup.load_payload()
-            if backup is not None:
-                logger.info("[FALLBACK] serving the registry from %s", self.backup.path)
-                return backup, "file", problems
-            problems.append("file: absent")
-        except (SourceUnavailable, PayloadError) as exc:
-            problems.append(f"file: {exc}")
+                layer.logger.warning("%s %s", layer.tag, exc)
+                problems.append(f"{layer.source_id}: {exc}")
+                continue
+            if payload is not None:
+                if layer.registry_copy:
+                    logger.info("[FALLBACK] serving the registry from %s", layer.source_id)
+                return payload, layer.source_id, problems
+            problems.append(f"{layer.source_id}: empty")
         return None, "", problems
 
 
@@ -86,7 +81,7 @@ def create_app(settings: Optional[RegistrySettings] = None) -> Starlette:
     async def health(request: Request) -> Response:
         start = time.perf_counter()
         models = settings.models or None
-        checks = [s for s in (registry.cache, registry.mlflow, registry.backup) if s is not None]
+        checks = registry.layers
         layers = [await run_in_threadpool(s.health, models or []) for s in checks]
         ok = any(layer.reachable for layer in layers)
         body = {"status": "ok" if ok else "degraded", "layers": [layer.to_dict() for layer in layers],

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 from registry.errors import PayloadError, SourceUnavailable
+from registry.files import atomic_write, locked
 from registry.payload import ModelSection, RegistryPayload
 from registry.settings import RegistrySettings
 from registry.signing import PayloadCodec
 from registry.sources.payload_source import PayloadSource
+
+
+#: Seconds a writer waits for another writer of the backup before the write counts as failed.
+LOCK_TIMEOUT = 30.0
 
 
 class FileBackupSource(PayloadSource):
@@ -43,16 +46,11 @@ class FileBackupSource(PayloadSource):
             raise SourceUnavailable(self.source_id, f"cannot read {self.path}: {exc}") from exc
         return self.decode(data, where=f"backup file {self.path}")
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """Serialise writers (threads, workers, publishers) on a lock file beside the backup."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return locked(self.path.with_name(self.path.name + ".lock"), LOCK_TIMEOUT,
+                      lambda reason: SourceUnavailable(self.source_id, reason))
 
     def store_section(self, section: ModelSection, *, replace: bool = False) -> None:
         """Merge one model's section into the file (read-merge-write under a lock); `replace` drops what it held."""
@@ -83,23 +81,7 @@ class FileBackupSource(PayloadSource):
         return aside
 
     def _write(self, payload: RegistryPayload) -> None:
-        """Atomic replace: temp file in the same directory, fsync, rename, fsync the directory."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(self.codec.encode(payload))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(self.path, self.codec.encode(payload))
 
     def health_detail(self, payload: Optional[RegistryPayload]) -> str:
         detail = f"{self.path} " + ("absent" if payload is None else f"timestamp {payload.timestamp}")

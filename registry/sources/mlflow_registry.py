@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from registry.errors import SourceUnavailable
-from registry.mlflow_env import configure_mlflow_http, mlflow_uris  # noqa: F401 - mlflow_uris is part of this module's API
+from registry.mlflow_env import configure_mlflow_http
 from registry.payload import ModelSection, RegistryPayload
 from registry.record import ModelRecord, Selector
 from registry.settings import RegistrySettings
