@@ -17,6 +17,8 @@ from typing import Any, Collection, Optional, Sequence
 
 from registry.allowlist import AllowList
 from registry.errors import ArtifactError, ModelNotResolvable, PayloadError, SourceRejected, SourceUnavailable
+from registry.logs import log_fields
+from registry.metrics import observe_trail
 from registry.payload import ModelSection
 from registry.record import LayerAttempt, ModelRecord, Outcome, Resolution, Selector
 from registry.settings import RegistrySettings
@@ -58,7 +60,7 @@ class Resolver:
         self.authority: Optional[MLflowRegistrySource] = next((s for s in self.sources if isinstance(s, MLflowRegistrySource)), None)
         self.cache: Optional[RedisCacheSource] = next((s for s in self.sources if isinstance(s, RedisCacheSource)), None)
         self.backup: Optional[FileBackupSource] = next((s for s in self.sources if isinstance(s, FileBackupSource)), None)
-        self.breakers = {s.source_id: CircuitBreaker(breaker_failures, breaker_reset_s) for s in self.sources}
+        self.breakers = {s.source_id: CircuitBreaker(breaker_failures, breaker_reset_s, name=s.source_id) for s in self.sources}
         self._versions: dict[tuple[str, str], tuple[ModelRecord, float]] = {}
         self._last_good: dict[tuple[str, str], Resolution] = {}
         self._memory_lock = threading.Lock()
@@ -80,7 +82,15 @@ class Resolver:
         Raises:
             ModelNotResolvable: no layer had an answer; the error lists every layer's outcome.
         """
-        selector = Selector.parse(selector)
+        try:
+            resolution = self._resolve(name, Selector.parse(selector), exclude)
+        except ModelNotResolvable as exc:
+            observe_trail(name, exc.trail)
+            raise
+        observe_trail(name, resolution.trail)
+        return resolution
+
+    def _resolve(self, name: str, selector: Selector, exclude: Collection[tuple[str, Optional[str]]]) -> Resolution:
         trail: list[LayerAttempt] = []
         authority_said_no = False
         for source in self.sources:
@@ -103,12 +113,13 @@ class Resolver:
                         raise SourceRejected(source.source_id, str(exc)) from exc
             except SourceUnavailable as exc:
                 breaker.record_failure()
-                source.note_failure("unavailable", exc.reason)
+                source.note_failure("unavailable", exc.reason, model=name)
                 trail.append(LayerAttempt(source.source_id, Outcome.UNAVAILABLE, _ms(start), exc.reason))
                 continue
             except (PayloadError, SourceRejected) as exc:
                 breaker.record_success()  # it answered; what it holds is the problem
-                source.logger.warning("%s %s rejected for model %r: %s", source.tag, source.source_id, name, exc)
+                source.logger.warning("%s %s rejected for model %r: %s", source.tag, source.source_id, name, exc,
+                                      extra=log_fields(name, None, source.source_id))
                 trail.append(LayerAttempt(source.source_id, Outcome.REJECTED, _ms(start), str(exc)))
                 continue
             breaker.record_success()
@@ -133,7 +144,7 @@ class Resolver:
             logger.info(
                 "[HYBRID] %s@%s -> version %s from %s (%s)",
                 name, selector, answer.record.version, source.source_id,
-                ", ".join(f"{a.source}={a.outcome}" for a in trail),
+                ", ".join(f"{a.source}={a.outcome}" for a in trail), extra=log_fields(name, answer.record.version, source.source_id),
             )
             return resolution
         stale = None if authority_said_no else self._stale_instead(name, selector, None, trail, exclude)

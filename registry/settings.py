@@ -140,6 +140,9 @@ class RegistrySettings(BaseSettings):
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     """Level of the service's own loggers (registry, runners, service)."""
 
+    log_format: str = Field("text", pattern="^(text|json)$")
+    """`text` (default) or `json`: one JSON object per line with time, level, logger, tag, model, version, layer, message."""
+
     follow: bool = True
     """Roll to what the configured selector resolves to whenever the registry changes; `false`: only `/reload`."""
 
@@ -154,6 +157,9 @@ class RegistrySettings(BaseSettings):
 
     gate: Annotated[dict[str, GateSpec], NoDecode] = Field(default_factory=dict)
     """JSON: model -> {"path": JSONL of {"text", "label"}, "min_accuracy", "max_drop"}; a version that fails never serves."""
+
+    cache_compress_above: int = Field(0, ge=0)
+    """Bytes above which the Redis cache value is gzip'ed (signed JSON, then gzip); 0 = never. Readers detect it."""
 
     @field_validator("redis_url", "training_api_url", "mlflow_tracking_uri", "admin_token", "signing_key", "reload_dir",
                      "webhook_secret", mode="before")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 from registry.coordination import CHANGED, CoordinationError, ReloadBus, ReloadOrder, worker_id
 from registry.errors import ReloadFailed, UnknownModel
+from registry.logs import configure_logging, log_fields
 from registry.record import Resolution, Selector
 from registry.resolver import Resolver
 from registry.settings import RegistrySettings
@@ -81,8 +82,7 @@ class ModelHost:
         self.settings = settings
         # BentoML's handlers pass WARNING and up from other loggers; our INFO lines (the final
         # choice of each resolution, swaps, reloads) are part of the product.
-        for name in ("service", "registry", "runners"):
-            logging.getLogger(name).setLevel(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         self.worker = worker_id()
         self.resolver = Resolver.from_settings(settings)
         self.manager = ModelManager(settings, self.resolver, runner_factory(runner))
@@ -199,7 +199,7 @@ class ModelHost:
 
     def _apply(self, order: ReloadOrder) -> dict[str, Any]:
         try:
-            _, current = self.manager.activate(order.model, order.version)
+            _, current = self.manager.activate(order.model, order.version, trigger="bus")
             return {"ok": True, "version": current.record.version, "source": current.record.source}
         except (ReloadFailed, UnknownModel) as exc:
             return {"ok": False, "error": str(exc)}
@@ -214,14 +214,15 @@ class ModelHost:
         """
         start = time.perf_counter()
         with self.bus.lock(timeout=self.settings.reload_ack_timeout):
-            previous, current = self.manager.activate(name, selector, resolution=resolution)
+            previous, current = self.manager.activate(name, selector, resolution=resolution, trigger=trigger)
             order = self.bus.announce(name, current.record.version, str(selector), self.worker)
             self.bus.ack(order.generation, self.worker, {"ok": True, "version": current.record.version, "source": current.record.source})
             acks, missing = self.bus.wait_for_acks(order.generation, self.settings.reload_ack_timeout)
         changed = previous is None or previous.record.version != current.record.version
         logger.info("[HYBRID] %s %s: version %s%s (generation %d, %d/%d workers acknowledged)", trigger, name, current.record.version,
                     f", was {previous.record.version}" if previous and changed else "", order.generation,
-                    sum(1 for a in acks.values() if a.get("ok")), len(acks) + len(missing))
+                    sum(1 for a in acks.values() if a.get("ok")), len(acks) + len(missing),
+                    extra=log_fields(name, current.record.version, current.record.source))
         return {
             "model": name,
             "trigger": trigger,

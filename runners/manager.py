@@ -19,6 +19,8 @@ from registry.errors import ArtifactError, GateRefused, ModelNotLoaded, ModelNot
 from registry.record import Resolution, Selector
 from registry.resolver import Resolver
 from registry.settings import RegistrySettings
+from registry.logs import log_fields
+from registry.metrics import metrics, serving_changed
 from runners.batching import MicroBatcher
 from runners.gate import PromotionGate
 from runners import kinds
@@ -144,10 +146,12 @@ class ModelManager:
                                wait_ms=self.settings.batch_wait_ms)
         return ServedModel(runner=runner, resolution=resolution, batcher=batcher)
 
-    def activate(self, name: str, selector: Selector | str, *, resolution: Optional[Resolution] = None) -> tuple[Optional[ServedModel], ServedModel]:
+    def activate(self, name: str, selector: Selector | str, *, resolution: Optional[Resolution] = None,
+                 trigger: str = "reload") -> tuple[Optional[ServedModel], ServedModel]:
         """Resolve (unless `resolution` is given), load beside the current version, gate, then swap.
 
-        Returns (previous, current).
+        Returns (previous, current). `trigger` (startup, reload, webhook, poll, bus) labels the
+        `registry_reloads_total` metric.
 
         Raises:
             UnknownModel, ReloadFailed (GateRefused among them): the current version (if any) keeps serving.
@@ -160,12 +164,15 @@ class ModelManager:
                     resolution = self.resolver.resolve(name, selector)
                 except ModelNotResolvable as exc:
                     self._note_error(name, str(exc))
+                    metrics().reloads.labels(name, trigger, "unresolved").inc()
                     raise ReloadFailed(name, str(exc)) from exc
             try:
                 previous, current = self._swap_in(name, resolution)
             except ReloadFailed as exc:
                 self.candidates[name] = _candidate(resolution.record.version, resolution.record.sha256, exc)
+                metrics().reloads.labels(name, trigger, "refused" if isinstance(exc, GateRefused) else "failed").inc()
                 raise
+            metrics().reloads.labels(name, trigger, "ok").inc()
             self.candidates.pop(name, None)
             wanted = self.wanted.get(name)
             if wanted is not None and (wanted["version"] == current.record.version or str(resolution.selector) == self.settings.alias):
@@ -185,7 +192,7 @@ class ModelManager:
                 and not stand_in and previous.record.sha256 == record.sha256:
             # Same version already serving: keep it (and its warm state), refresh what we know.
             current = dataclasses.replace(previous, resolution=resolution, pending_version=None)
-            self._served[name] = current
+            self._set_served(name, current)
             return previous, current
         start = time.perf_counter()
         try:
@@ -193,7 +200,8 @@ class ModelManager:
         except (ArtifactError, RegistryError, OSError, RuntimeError, ValueError) as exc:
             reason = f"version {record.version} from {record.source} failed to load: {exc}"
             self._note_error(name, reason)
-            logger.error("[HYBRID] %s; %s", reason, "previous version keeps serving" if previous else "nothing to serve yet")
+            logger.error("[HYBRID] %s; %s", reason, "previous version keeps serving" if previous else "nothing to serve yet",
+                         extra=log_fields(name, record.version, record.source))
             raise ReloadFailed(name, reason) from exc
         try:
             current.gate = self.gate.check(name, record.version, record.sha256, current.runner.predict,
@@ -201,13 +209,23 @@ class ModelManager:
         except GateRefused as exc:
             current.runner.close()
             self._note_error(name, str(exc))
+            metrics().gate_refusals.labels(name).inc()
             raise
+        metrics().load_seconds.labels(name).observe(time.perf_counter() - start)
         current.runner_is_stand_in = stand_in
-        self._served[name] = current  # the swap: one reference assignment
+        self._set_served(name, current)  # the swap: one reference assignment
         self._errors.pop(name, None)
         logger.info("[HYBRID] serving %s version %s from %s (loaded in %.2fs%s)", name, record.version, record.source,
-                    time.perf_counter() - start, f", replaced version {previous.record.version}" if previous else "")
+                    time.perf_counter() - start, f", replaced version {previous.record.version}" if previous else "",
+                    extra=log_fields(name, record.version, record.source))
         return previous, current
+
+    def _set_served(self, name: str, current: ServedModel) -> None:
+        previous = self._served.get(name)
+        self._served[name] = current
+        serving_changed(name, previous, current)
+        stale_for = time.time() - current.resolution.fetched_at if current.resolution.stale and current.resolution.fetched_at else 0.0
+        metrics().staleness.labels(name).set(stale_for)
 
     def _note_error(self, name: str, reason: str) -> None:
         if name not in self._served:
@@ -228,7 +246,7 @@ class ModelManager:
         def attempt(resolution: Resolution) -> bool:
             nonlocal wanted
             try:
-                self.activate(name, selector, resolution=resolution)
+                self.activate(name, selector, resolution=resolution, trigger="startup")
             except ReloadFailed as exc:
                 tried.append((resolution.record.version, resolution.record.sha256))
                 if wanted is None:
@@ -289,7 +307,7 @@ class ModelManager:
             if now < at or name not in self.wanted:
                 continue
             try:
-                self.activate(name, self.settings.alias)
+                self.activate(name, self.settings.alias, trigger="startup")
             except ReloadFailed as exc:
                 backoff = min(backoff * 2, MAX_RETRY_BACKOFF)
                 self._retry_at[name] = (time.monotonic() + backoff, backoff)
@@ -305,6 +323,7 @@ class ModelManager:
         for name, served in list(self._served.items()):
             if not served.resolution.stale:
                 continue
+            metrics().staleness.labels(name).set(time.time() - served.resolution.fetched_at)
             try:
                 fresh = self.resolver.resolve(name, served.resolution.selector)
             except ModelNotResolvable:
@@ -318,10 +337,10 @@ class ModelManager:
             if pending:
                 logger.warning("[HYBRID] registry reachable again: %s@%s is now version %s (serving %s)",
                                name, fresh.selector, pending, served.record.version)
-                self._served[name] = dataclasses.replace(served, pending_version=pending)
+                self._set_served(name, dataclasses.replace(served, resolution=fresh, pending_version=pending))
             else:
                 logger.info("[HYBRID] registry reachable again: %s version %s confirmed", name, served.record.version)
-                self._served[name] = dataclasses.replace(served, resolution=fresh, pending_version=None)
+                self._set_served(name, dataclasses.replace(served, resolution=fresh, pending_version=None))
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
+from registry.logs import log_fields
 from registry.payload import ModelSection, RegistryPayload
 from registry.record import ModelRecord, Selector
 
@@ -101,19 +102,19 @@ class RegistrySource(abc.ABC):
 
     # Logging a failing layer once: the first failure (or a new cause) is a WARNING,
     # repeats are DEBUG, and the recovery is an INFO line.
-    def note_failure(self, kind: str, cause: str) -> None:
+    def note_failure(self, kind: str, cause: str, model: Optional[str] = None) -> None:
         with self._state_lock:
             first = self._failing != cause
             self._failing = cause
         level = logging.WARNING if first else logging.DEBUG
-        self.logger.log(level, "%s %s %s: %s", self.tag, self.source_id, kind, cause)
+        self.logger.log(level, "%s %s %s: %s", self.tag, self.source_id, kind, cause, extra=log_fields(model, None, self.source_id))
 
     def note_success(self) -> None:
         with self._state_lock:
             was = self._failing
             self._failing = None
         if was is not None:
-            self.logger.info("%s %s recovered (was: %s)", self.tag, self.source_id, was)
+            self.logger.info("%s %s recovered (was: %s)", self.tag, self.source_id, was, extra=log_fields(None, None, self.source_id))
 
 
 def section_summary(section: Optional[ModelSection]) -> dict[str, Any]:
@@ -148,9 +149,10 @@ class CircuitBreaker:
     its success closes the breaker, its failure opens it again.
     """
 
-    def __init__(self, failures: int = 3, reset_s: float = 30.0):
+    def __init__(self, failures: int = 3, reset_s: float = 30.0, *, name: Optional[str] = None):
         self.failures = failures
         self.reset_s = reset_s
+        self.name = name  # the layer, for the `registry_circuit_open` gauge
         self._count = 0
         self._opened_at: Optional[float] = None
         self._probing = False
@@ -167,16 +169,28 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         with self._lock:
+            was_open = self._opened_at is not None
             self._count = 0
             self._opened_at = None
             self._probing = False
+        if was_open:
+            self._gauge(0)
 
     def record_failure(self) -> None:
         with self._lock:
             self._count += 1
             self._probing = False
-            if self._count >= self.failures:
+            opened = self._count >= self.failures
+            if opened:
                 self._opened_at = time.monotonic()
+        if opened:
+            self._gauge(1)
+
+    def _gauge(self, value: int) -> None:
+        if self.name is not None:
+            from registry.metrics import metrics
+
+            metrics().circuit_open.labels(self.name).set(value)
 
     def state(self) -> str:
         with self._lock:

@@ -80,10 +80,15 @@ class PayloadSource(RegistrySource):
 
 def write_all(targets: Iterable[Optional[PayloadSource]], write: Callable[[PayloadSource], None], why: str) -> None:
     """Write to every configured target (cache, backup); one that fails is logged, the others still written."""
+    from registry.metrics import metrics
+
     for target in targets:
         if target is None:
             continue
         try:
             write(target)
         except SourceUnavailable as exc:
+            metrics().cache_writes.labels(target.source_id, "failed").inc()
             target.note_failure(why, exc.reason)
+        else:
+            metrics().cache_writes.labels(target.source_id, "ok").inc()
