@@ -23,6 +23,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	@echo "Setting up $(VENV): torch (CPU build) and the pinned dependencies; 3-6 minutes the first time, silent while pip works."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

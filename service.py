@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import bentoml
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, StrictStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from registry.errors import ModelNotLoaded, SettingsError, UnknownModel
@@ -47,7 +47,14 @@ class ClassifierLimits(BaseSettings):
             raise SettingsError(ENV_PREFIX + str(err["loc"][0]).upper(), err.get("input"), err["msg"]) from exc
 
 
-@registry_admin(json_routes=("/classify",))
+class ClassifyRequest(BaseModel):
+    """Body of POST /classify, checked before BentoML sees it (a clear 400 naming the field)."""
+
+    texts: list[StrictStr]
+    model: Optional[StrictStr] = None
+
+
+@registry_admin(json_routes=("/classify",), schemas={"/classify": ClassifyRequest})
 @bentoml.service(
     name="security_classifier",
     # BentoML reads `workers` when this module is imported (and freezes it into a bento at build

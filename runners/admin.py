@@ -117,7 +117,11 @@ def admin_app() -> FastAPI:
         status, answer = _host_for().follower.webhook(request.headers, body)
         return JSONResponse(answer, status_code=status)
 
-    @app.post("/reload")
+    @app.post("/reload", responses={
+        400: {"description": "malformed body or selector"}, 401: {"description": "missing or wrong bearer token"},
+        403: {"description": "reload disabled: REGISTRY_ADMIN_TOKEN not set"}, 404: {"description": "unknown model, or no such version or alias"},
+        415: {"description": "body is not JSON"}, 422: {"description": "the version could not be loaded, or the gate refused it"},
+        503: {"description": "reload coordination (the bus) failed"}})
     def reload(request: Request, body: Optional[ReloadRequest] = None) -> JSONResponse:
         body = body or ReloadRequest()
         host = _host_for(body.model)
@@ -156,31 +160,86 @@ def admin_app() -> FastAPI:
 
 
 class JSONOnly:
-    """Answer 415 to a non-JSON body on the JSON APIs (BentoML turns a bad multipart body into a 500)."""
+    """Answer 415 to a non-JSON body on the JSON APIs (BentoML turns a bad multipart body into a 500),
+    and 400 naming the field to a body that does not match the route's schema (BentoML answers
+    "1 validation error for Input" and logs a traceback for each such client error)."""
 
-    def __init__(self, app: Any, routes: tuple[str, ...] = ("/reload",)) -> None:
+    def __init__(self, app: Any, routes: tuple[str, ...] = ("/reload",), schemas: Optional[dict[str, type[BaseModel]]] = None) -> None:
         self.app = app
         self.routes = routes
+        self.schemas = dict(schemas or {})
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in self.routes:
+            path = scope.get("path")
             content_type = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
             if content_type and content_type != "application/json" and not content_type.endswith("+json"):
-                logger.info("[HYBRID] %s refused: content type %r", scope.get("path"), content_type)
+                logger.info("[HYBRID] %s refused: content type %r", path, content_type)
                 response = error(415, f"expected an application/json body, got {content_type!r}")
                 await response(scope, receive, send)
                 return
+            schema = self.schemas.get(path)
+            if schema is not None:
+                body = await _read_body(receive)
+                problem = _schema_problem(schema, body)
+                if problem is not None:
+                    logger.info("[HYBRID] %s refused: %s", path, problem["error"])
+                    await JSONResponse(problem, status_code=400)(scope, receive, send)
+                    return
+                receive = _replay(body)
         await self.app(scope, receive, send)
 
 
-def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = ()) -> Any:
+async def _read_body(receive: Any) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes) -> Any:
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def _schema_problem(schema: type[BaseModel], body: bytes) -> Optional[dict[str, Any]]:
+    from pydantic import ValidationError
+
+    try:
+        schema.model_validate_json(body)
+    except ValidationError as exc:
+        problems = [{"loc": [_clean(p) for p in e.get("loc", ())], "msg": _clean(e.get("msg", "")), "type": _clean(e.get("type", ""))}
+                    for e in exc.errors(include_url=False, include_input=False)]
+        first = problems[0] if problems else {"loc": [], "msg": "invalid request"}
+        return {"error": f"invalid request body at {'.'.join(first['loc']) or 'body'}: {first['msg']}", "detail": problems}
+    except (ValueError, RecursionError) as exc:
+        return {"error": f"invalid request body: {_clean(exc)[:200]}"}
+    return None
+
+
+def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = (),
+                   schemas: Optional[dict[str, type[BaseModel]]] = None) -> Any:
     """Give a BentoML service the registry's admin routes and its hosts' lifecycle.
 
     Apply it above `@bentoml.service` (or call it on a service object). `json_routes`: the
-    service's own JSON API routes that should answer 415 to a non-JSON body, as `/reload` does.
+    service's own JSON API routes that should answer 415 to a non-JSON body, as `/reload` does;
+    `schemas`: route -> pydantic model its body must match (else 400 naming the field).
     """
     if service is None:
-        return functools.partial(registry_admin, json_routes=json_routes)
+        return functools.partial(registry_admin, json_routes=json_routes, schemas=schemas)
     import bentoml
 
     cls = getattr(service, "inner", service)
@@ -212,5 +271,5 @@ def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = ()) ->
     cls._stop_registry_hosts = _stop_registry_hosts
     bentoml.asgi_app(admin_app(), path="/")(service)
     if hasattr(service, "add_asgi_middleware"):
-        service.add_asgi_middleware(JSONOnly, routes=("/reload", *json_routes))
+        service.add_asgi_middleware(JSONOnly, routes=("/reload", *json_routes), schemas=schemas)
     return service
