@@ -200,7 +200,8 @@ class Publisher:
             registered, version, run.info.run_id, sha256[:12], f"; alias best -> {version}" if best_moved else "",
         )
         record = self.refresh(name, version)
-        assert record is not None
+        if record is None:
+            raise PublishError(f"[MLFLOW] {registered} version {version} is registered but MLflow does not list it as READY")
         self.announce(name)
         return PublishResult(record, best_moved, previous_best)
 
@@ -257,7 +258,8 @@ class Publisher:
                           self.mlflow.client.set_registered_model_alias, registered, alias, str(version))
         logger.info("[MLFLOW] %s@%s -> version %s", registered, alias, version)
         record = self.refresh(name, str(version))
-        assert record is not None
+        if record is None:
+            raise PublishError(f"[MLFLOW] {registered} version {version} is not a READY version")
         self.announce(name)
         return record
 

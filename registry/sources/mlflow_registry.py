@@ -183,7 +183,8 @@ class MLflowRegistrySource(RegistrySource):
         sections = (
             self._section(model.name[len(self.prefix):], model.aliases, versions_by_model.get(model.name, []))
             for model in models
-            if names is None or model.name[len(self.prefix):] in names
+            # LIKE reads `_` in the prefix as a wildcard: keep only names that really start with it.
+            if model.name.startswith(self.prefix) and (names is None or model.name[len(self.prefix):] in names)
         )
         return RegistryPayload.from_sections((s for s in sections if s is not None), where="mlflow")
 

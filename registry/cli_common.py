@@ -1,0 +1,161 @@
+"""What every `registry` subcommand shares: settings, exit codes, `--json`, quiet stdout, rich output.
+
+Exit codes: 0 all is well; 1 the registry disagrees or something is unhealthy (a layer that
+cannot be asked, a digest that does not match, a model that does not resolve); 2 usage or
+configuration errors (bad arguments, a bad `REGISTRY_*` value, a layer the command needs is not
+configured).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional, TextIO
+
+import click
+
+from registry.errors import (ModelNotResolvable, PublishError, RegistryError, SelectorError, SettingsError,
+                             SourceUnavailable)
+from registry.settings import MODEL_NAME_RE, RegistrySettings
+
+OK, UNHEALTHY, USAGE = 0, 1, 2
+
+#: MLflow answers that mean "you asked for something that is not there / not allowed": the caller's mistake.
+_CALLER_ERRORS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"}
+
+
+class Problem(click.ClickException):
+    """A failure with an exit code (1 unhealthy, 2 usage/configuration), printed as `error: ...` on stderr."""
+
+    def __init__(self, message: str, exit_code: int = UNHEALTHY, **extra: Any):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.extra = extra
+
+    def show(self, file: Optional[TextIO] = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def config_problem(message: str) -> Problem:
+    return Problem(message, USAGE)
+
+
+def load_settings() -> RegistrySettings:
+    """The service's settings from the environment; a bad value is a configuration error (exit 2)."""
+    try:
+        return RegistrySettings.from_env()
+    except SettingsError as exc:
+        raise config_problem(str(exc)) from exc
+
+
+def check_names(names: tuple[str, ...] | list[str]) -> list[str]:
+    for name in names:
+        if not MODEL_NAME_RE.fullmatch(name):
+            raise click.BadParameter(f"{name!r}: a model name holds only ASCII letters, digits, '_', '.' and '-'")
+    return list(names)
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """Which exit code a project error means: the caller's mistake (2) or an unhealthy registry (1)."""
+    if isinstance(exc, (SettingsError, SelectorError)):
+        return USAGE
+    if isinstance(exc, PublishError):
+        cause = exc.__cause__
+        if cause is None:  # refused before asking anything: a bad alias, an alias not on that version
+            return USAGE
+        if getattr(cause, "error_code", None) in _CALLER_ERRORS:
+            return USAGE
+        return UNHEALTHY
+    if isinstance(exc, (SourceUnavailable, ModelNotResolvable)):
+        return UNHEALTHY
+    return UNHEALTHY
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """MLflow prints progress ("View run ... at ...") to stdout; stdout is kept for the answer only."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+class Output:
+    """Where a command's answer goes: JSON or rich tables on the stdout the command started with."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self.stdout = sys.stdout  # taken before quiet_stdout() swaps it
+        self._console = None
+
+    @property
+    def console(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            tty = hasattr(self.stdout, "isatty") and self.stdout.isatty()
+            width = None if tty else int(os.environ.get("COLUMNS") or 120)
+            self._console = Console(file=self.stdout, width=width, highlight=False, soft_wrap=False)
+        return self._console
+
+    def done(self, data: dict[str, Any], render: Callable[[Any], None], code: int = OK) -> None:
+        """Print the answer (JSON, or `render(console)` for people) and exit with `code`."""
+        if self.as_json:
+            print(json.dumps(data, indent=2, sort_keys=False, default=str), file=self.stdout, flush=True)
+        else:
+            render(self.console)
+        raise click.exceptions.Exit(code)
+
+
+def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--json` on a subcommand, and the error handling every subcommand shares.
+
+    A project error becomes `error: ...` on stderr with its exit code; with `--json` the same is
+    also written to stdout as `{"ok": false, "error": ...}`, so a machine always gets JSON.
+    """
+
+    @click.option("--json", "as_json", is_flag=True, help="machine-readable JSON on stdout")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, as_json: bool, **kwargs: Any) -> Any:
+        try:
+            try:
+                return fn(*args, out=Output(as_json), **kwargs)
+            except RegistryError as exc:
+                raise Problem(str(exc), exit_code_of(exc)) from exc
+        except Problem as exc:
+            if as_json:
+                print(json.dumps({"ok": False, "error": exc.format_message(), "exit_code": exc.exit_code, **exc.extra},
+                                 indent=2, default=str), file=sys.stdout, flush=True)
+            raise
+
+    return wrapper
+
+
+def age_s(epoch: Optional[float]) -> Optional[float]:
+    return None if epoch is None else round(max(0.0, time.time() - epoch), 1)
+
+
+def human_age(seconds: Optional[float]) -> str:
+    """`42s`, `7m`, `3h`, `2d`."""
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def esc(value: object) -> str:
+    """Text for rich markup: `[file: miss]` in a message is text, not a style tag."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s %(message)s")
