@@ -4,13 +4,62 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
+
+import httpx
 
 from registry.settings import RegistrySettings
 from tests.servers import free_port
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, poll: float = 0.2) -> Any:
+    """Poll `check` until it returns something truthy, or fail naming what was awaited.
+
+    Returns the truthy value. An `httpx.HTTPError` raised by `check` counts as "not yet".
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except httpx.HTTPError as exc:
+            last = exc
+        if last:
+            return last
+        threading.Event().wait(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Tally:
+    """A thread-safe Counter that client threads add to and a test waits on, instead of sleeping."""
+
+    def __init__(self) -> None:
+        self._counts: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] += n
+
+    def __getitem__(self, key: str) -> int:
+        with self._lock:
+            return self._counts[key]
+
+    def snapshot(self) -> Counter:
+        with self._lock:
+            return Counter(self._counts)
+
+    def wait_more(self, key: str, more: int, timeout: float, what: str = "") -> None:
+        """Block until `key` was counted `more` further times from now; fail after `timeout` seconds."""
+        target = self[key] + more
+        try:
+            wait_for(lambda: self[key] >= target, timeout, what or f"{more} more counts of {key!r}", poll=0.05)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; counts: {dict(self.snapshot())}") from None
 
 
 def dead_url() -> str:

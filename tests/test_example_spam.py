@@ -8,9 +8,8 @@ import uuid
 
 import pytest
 
-from tests.helpers import settings_for
+from tests.helpers import settings_for, wait_for
 from tests.service_proc import ADMIN_TOKEN, REPO, ServiceProcess
-from tests.test_follow import wait_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.e2e, pytest.mark.slow]
 

@@ -85,9 +85,26 @@ def assert_client_error_or_ok(response: httpx.Response, what: object) -> None:
         assert isinstance(body, dict) and ("error" in body or "detail" in body), (what, response.text[:300])
 
 
+def non_json_media_type(headers: dict[str, Any]) -> Optional[str]:
+    """The media type of a Content-Type the JSON routes must refuse with 415, or None (absent, empty or JSON)."""
+    value = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
+    if value is None:
+        return None
+    media = (value.decode("latin-1") if isinstance(value, bytes) else value).split(";")[0].strip().lower()
+    return media if media and media != "application/json" and not media.endswith("+json") else None
+
+
+def assert_415(response: httpx.Response, media: str, what: object) -> None:
+    """The 415 contract of POST /classify and POST /reload: a JSON error that names the content type."""
+    assert response.status_code == 415, f"{response.status_code} for {what!r}: {response.text[:300]}"
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    error = response.json()["error"]
+    assert media in error, (media, error)
+
+
 def errors_are_json(ctx: Any, response: Any, case: Any) -> None:
-    """Schemathesis check: a 4xx answer is a JSON object that says what is wrong."""
-    if 400 <= response.status_code < 500 and response.status_code not in (405, 415):
+    """Schemathesis check: a 4xx answer is a JSON object that says what is wrong (415 included)."""
+    if 400 <= response.status_code < 500 and response.status_code != 405:
         body = json.loads(response.content)
         assert isinstance(body, dict) and ("error" in body or "detail" in body), response.text[:300]
 
@@ -196,6 +213,9 @@ def test_reload_any_body_and_headers_never_5xx(service: ServiceProcess, body: ob
     content = encode(body, raw)
     response = post(service, "/reload", content, headers)
     assert_client_error_or_ok(response, (content[:200], headers))
+    media = non_json_media_type(headers)
+    if media is not None:
+        assert_415(response, media, (content[:200], headers))
     if response.status_code == 200:
         assert response.json()["current"]["version"] == "1"  # the one version there is
 
@@ -207,6 +227,9 @@ def test_classify_any_body_and_headers_never_5xx(service: ServiceProcess, body: 
     content = encode(body, raw)
     response = post(service, "/classify", content, headers)
     assert_client_error_or_ok(response, (content[:200], headers))
+    media = non_json_media_type(headers)
+    if media is not None:
+        assert_415(response, media, (content[:200], headers))
     if response.status_code == 200:
         answer = response.json()
         assert answer["model"]["name"] == MODEL and answer["model"]["version"] == "1"
@@ -266,6 +289,29 @@ NASTY = [
 def test_nasty_payloads_answer_4xx_or_200(service: ServiceProcess, path: str, body: bytes, headers: dict[str, Any]) -> None:
     response = post(service, path, body, headers)
     assert response.status_code < 500, f"{response.status_code}: {response.text[:300]}"
+
+
+NON_JSON = [
+    ("text/plain", b"hello"),
+    ("text/plain; charset=utf-8", b'{"texts": ["hi"]}'),  # a JSON body does not make it JSON
+    ("multipart/form-data", b"hello"),
+    ("multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="texts"\r\n\r\nhi\r\n--b--\r\n'),
+    ("application/x-www-form-urlencoded", b"texts=hello&version=1"),
+    ("Text/Plain", b"hello"),  # media types are case-insensitive
+]
+
+
+@pytest.mark.parametrize("path", ["/classify", "/reload"])
+@pytest.mark.parametrize("content_type, body", NON_JSON, ids=[ct for ct, _ in NON_JSON])
+def test_non_json_content_type_is_415_naming_it(service: ServiceProcess, path: str, content_type: str, body: bytes) -> None:
+    response = post(service, path, body, {"Content-Type": content_type, **AUTH})
+    assert_415(response, content_type.split(";")[0].strip().lower(), (path, content_type))
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", "application/vnd.api+json"])
+def test_json_content_types_pass_the_415_check(service: ServiceProcess, content_type: str) -> None:
+    response = post(service, "/classify", json.dumps({"texts": [PROBE]}).encode(), {"Content-Type": content_type})
+    assert response.status_code == 200, f"{content_type}: {response.status_code} {response.text[:300]}"
 
 
 def test_boolean_version_is_not_version_one(service: ServiceProcess) -> None:

@@ -71,9 +71,15 @@ class FileBackupSource(PayloadSource):
                     current = RegistryPayload.empty()
                 self._write(update(current))
         except OSError as exc:
-            self.last_write_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {exc}"
+            self._write_failed(str(exc))
             raise SourceUnavailable(self.source_id, f"cannot write {self.path}: {exc}") from exc
+        except SourceUnavailable as exc:  # the lock file could not be opened, or another writer held it too long
+            self._write_failed(exc.reason)
+            raise
         self.last_write_error = None
+
+    def _write_failed(self, cause: str) -> None:
+        self.last_write_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {cause}"
 
     def _quarantine(self) -> Path:
         aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
