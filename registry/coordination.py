@@ -47,6 +47,11 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def replica_id() -> str:
+    """The BentoML service run this worker belongs to: its workers share the parent (the arbiter)."""
+    return f"{socket.gethostname()}:{os.getppid()}"
+
+
 #: An order's kinds: load this exact version; or the registry changed, look again.
 RELOAD = "reload"
 CHANGED = "changed"
@@ -111,8 +116,8 @@ class ReloadBus(abc.ABC):
         """Every outcome recorded for an order, by worker."""
 
     @abc.abstractmethod
-    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None) -> None:
-        """Say this worker is alive, and which version of each model it serves."""
+    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None, replica: Optional[str] = None) -> None:
+        """Say this worker is alive, which version of each model it serves, and which replica it belongs to."""
 
     @abc.abstractmethod
     def _live(self) -> dict[str, dict[str, Any]]:
@@ -121,6 +126,10 @@ class ReloadBus(abc.ABC):
     def live_workers(self) -> list[str]:
         """Workers that heartbeated within HEARTBEAT_TTL."""
         return sorted(self._live())
+
+    def beats(self) -> dict[str, dict[str, Any]]:
+        """The live heartbeats by worker: {"at", "serving", "replica"}."""
+        return self._live()
 
     def serving(self) -> dict[str, dict[str, str]]:
         """What each live worker (of every replica on this bus) serves: worker -> model -> version."""
@@ -161,12 +170,11 @@ class RedisReloadBus(ReloadBus):
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
 
+        from registry.redis_client import redis_from_url
+
         self.prefix = prefix
-        self.client = redis.Redis.from_url(
-            url, socket_timeout=max(timeout, 1.0), socket_connect_timeout=max(timeout, 1.0),
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError], health_check_interval=30,
-        )
+        # A plain server or a Sentinel-managed master (registry.redis_client); SettingsError for a bad URL.
+        self.client = redis_from_url(url, timeout=max(timeout, 1.0), retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2))
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -237,8 +245,9 @@ class RedisReloadBus(ReloadBus):
     def claim(self, key: str, ttl: float) -> bool:
         return bool(self._call(self.client.set, f"{self.prefix}:claim:{key}", worker_id(), nx=True, px=max(1, int(ttl * 1000))))
 
-    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None) -> None:
-        self._call(self.client.hset, f"{self.prefix}:workers", worker, json.dumps({"at": time.time(), "serving": serving or {}}))
+    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None, replica: Optional[str] = None) -> None:
+        self._call(self.client.hset, f"{self.prefix}:workers", worker,
+                   json.dumps({"at": time.time(), "serving": serving or {}, "replica": replica}))
 
     def _live(self) -> dict[str, dict[str, Any]]:
         now = time.time()
@@ -269,7 +278,7 @@ def _beat(raw: bytes) -> Optional[dict[str, Any]]:
         return {"at": float(data), "serving": {}}
     if isinstance(data, dict) and isinstance(data.get("at"), (int, float)):
         serving = data.get("serving")
-        return {"at": float(data["at"]), "serving": serving if isinstance(serving, dict) else {}}
+        return {"at": float(data["at"]), "serving": serving if isinstance(serving, dict) else {}, "replica": data.get("replica")}
     return None
 
 

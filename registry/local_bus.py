@@ -133,8 +133,9 @@ class FileReloadBus(ReloadBus):
             return True
 
     @_local_io
-    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None) -> None:
-        self._write_json(f"worker-{_file_safe(worker)}.json", {"worker": worker, "at": time.time(), "serving": serving or {}})
+    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None, replica: Optional[str] = None) -> None:
+        self._write_json(f"worker-{_file_safe(worker)}.json",
+                         {"worker": worker, "at": time.time(), "serving": serving or {}, "replica": replica})
 
     @_local_io
     def _live(self) -> dict[str, dict[str, Any]]:
@@ -145,7 +146,8 @@ class FileReloadBus(ReloadBus):
             with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
                 data = json.loads(path.read_text())
                 if now - float(data["at"]) <= HEARTBEAT_TTL:
-                    live[str(data["worker"])] = {"at": float(data["at"]), "serving": data.get("serving") or {}}
+                    live[str(data["worker"])] = {"at": float(data["at"]), "serving": data.get("serving") or {},
+                                                 "replica": data.get("replica")}
                 else:
                     path.unlink(missing_ok=True)
         return live

@@ -15,6 +15,17 @@ from registry.errors import SettingsError
 ENV_PREFIX = "REGISTRY_"
 
 
+_SECRETS = frozenset({"admin_token", "signing_key", "webhook_secret"})
+_URL_PASSWORD_RE = re.compile(r"(://[^/@:]*:)[^/@]*@")
+
+
+def _shown(field: str, value: Any) -> Any:
+    """A rejected value as an error may show it: secrets hidden, passwords in URLs too."""
+    if field.lower() in _SECRETS:
+        return "***"
+    return _URL_PASSWORD_RE.sub(r"\1***@", value) if isinstance(value, str) else value
+
+
 def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -50,7 +61,8 @@ class RegistrySettings(BaseSettings):
     """Selector used at start-up: `latest`, `best`, another MLflow alias, or an exact version."""
 
     redis_url: Optional[str] = None
-    """Redis URL (`redis://`, `rediss://`, password in the URL); unset turns the cache layer off."""
+    """Redis URL (`redis://`, `rediss://`, or `redis+sentinel://host:26379,host:26380/mymaster/0`; password in the
+    URL); unset turns the cache layer and the Redis reload bus off."""
 
     cache_key: str = "model_registry"
     """Redis key holding the registry payload."""
@@ -161,6 +173,13 @@ class RegistrySettings(BaseSettings):
     cache_compress_above: int = Field(0, ge=0)
     """Bytes above which the Redis cache value is gzip'ed (signed JSON, then gzip); 0 = never. Readers detect it."""
 
+    accelerate: str = Field("none", pattern="^(|none|eager|int8)$")
+    """Opt-in faster execution of a transformers model: `int8` (dynamic quantization of its Linear layers).
+    Serves only after agreeing with the eager model at load (gate set, else warm-up texts); else eager serves."""
+
+    accelerate_max_diff: float = Field(0.05, ge=0)
+    """Largest class-probability difference from the eager model the `REGISTRY_ACCELERATE` parity check allows."""
+
     @field_validator("redis_url", "training_api_url", "mlflow_tracking_uri", "admin_token", "signing_key", "reload_dir",
                      "webhook_secret", mode="before")
     @classmethod
@@ -172,6 +191,21 @@ class RegistrySettings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: Optional[str]) -> Optional[str]:
+        # Checked here, when the service module is imported, so a bad URL stops `bentoml serve`
+        # at once instead of every worker failing in a restart loop.
+        if value is None:
+            return value
+        from registry.redis_client import is_sentinel_url, parse_sentinel_url
+
+        if is_sentinel_url(value):
+            parse_sentinel_url(value)  # raises SettingsError naming REGISTRY_REDIS_URL, password hidden
+        elif value.split("://", 1)[0].lower() not in ("redis", "rediss", "unix"):
+            raise ValueError("use redis://, rediss://, unix:// or redis+sentinel:// (rediss+sentinel://)")
+        return value
 
     @field_validator("models")
     @classmethod
@@ -207,11 +241,12 @@ class RegistrySettings(BaseSettings):
         except ValidationError as exc:
             err = exc.errors()[0]
             field = str(err["loc"][0]) if err["loc"] else "?"
+            shown = _shown(field, err.get("input"))
             if field.isupper():  # an environment alias already names the variable
-                raise SettingsError(field, err.get("input"), err["msg"]) from exc
+                raise SettingsError(field, shown, err["msg"]) from exc
             variable = {"mlflow_tracking_uri": "MLFLOW_TRACKING_URI", "max_batch_size": "REGISTRY_FORWARD_BATCH_SIZE",
                         "batch_window": "REGISTRY_BATCH_MAX_TEXTS"}.get(field, ENV_PREFIX + field.upper())
-            raise SettingsError(variable, err.get("input"), err["msg"]) from exc
+            raise SettingsError(variable, shown, err["msg"]) from exc
 
     def registered_name(self, model: str) -> str:
         return f"{self.mlflow_prefix}{model}"

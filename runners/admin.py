@@ -255,9 +255,9 @@ def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = (),
             getattr(self, name)  # start the host now, not at the first request
 
     def __is_ready__(self: Any) -> bool:
-        waiting = [getattr(self, name) for name in hosts if not getattr(self, name).ready()]
+        waiting = [reason for ready, reason in (getattr(self, name).replica_ready() for name in hosts) if not ready]
         if waiting:
-            raise HTTPException(status_code=503, detail="not ready: " + "; ".join(h.manager.not_ready_reason() for h in waiting))
+            raise HTTPException(status_code=503, detail="not ready: " + "; ".join(waiting))
         return True
 
     @bentoml.on_shutdown

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from registry.coordination import CHANGED, CoordinationError, ReloadBus, ReloadOrder, worker_id
+from registry.coordination import CHANGED, CoordinationError, ReloadBus, ReloadOrder, replica_id, worker_id
 from registry.errors import ReloadFailed, UnknownModel
 from registry.logs import configure_logging, log_fields
 from registry.record import Resolution, Selector
@@ -84,6 +84,7 @@ class ModelHost:
         # choice of each resolution, swaps, reloads) are part of the product.
         configure_logging(settings.log_level, settings.log_format)
         self.worker = worker_id()
+        self.replica = replica_id()
         self.resolver = Resolver.from_settings(settings)
         self.manager = ModelManager(settings, self.resolver, runner_factory(runner))
         self.bus = ReloadBus.from_settings(settings)
@@ -144,7 +145,27 @@ class ModelHost:
         return self.manager.get(name)
 
     def ready(self) -> bool:
+        """This worker has loaded every model."""
         return self.manager.ready()
+
+    def replica_ready(self) -> tuple[bool, str]:
+        """Every live worker of this replica has loaded every model (what `/readyz` answers).
+
+        A readiness probe reaches one worker of several; a replica whose other worker is still
+        loading would otherwise take traffic that worker answers with 503. When the bus cannot
+        be asked, this worker's own state decides.
+        """
+        if not self.manager.ready():
+            return False, self.manager.not_ready_reason()
+        try:
+            beats = self.bus.beats()
+        except CoordinationError:
+            return True, ""
+        loading = [w for w, beat in beats.items() if beat.get("replica") == self.replica
+                   and not all(name in (beat.get("serving") or {}) for name in self.manager.names)]
+        if loading:
+            return False, f"worker(s) {', '.join(sorted(loading))} of this replica still loading"
+        return True, ""
 
     # -- background steps ------------------------------------------------------------------------
     def _bus_generation(self) -> int:
@@ -179,11 +200,19 @@ class ModelHost:
         return sorted(counts, key=lambda v: (-counts[v], -int(v)))
 
     def _heartbeat_step(self) -> None:
-        self.bus.heartbeat(self.worker, self.manager.served_versions())
+        self.bus.heartbeat(self.worker, self.manager.served_versions(), self.replica)
 
     def _watch_step(self) -> None:
         """Apply reload orders announced by other workers or replicas, in order, and acknowledge them."""
-        if self.bus.generation() <= self._seen_generation:
+        generation = self.bus.generation()
+        if generation < self._seen_generation:
+            # The counter went back (a Redis without persistence restarted, or a failover lost
+            # writes): follow the bus's new numbering instead of ignoring every order below the old one.
+            logger.warning("[HYBRID] reload bus generation went back from %d to %d; following the new numbering",
+                           self._seen_generation, generation)
+            self._seen_generation = generation
+            return
+        if generation == self._seen_generation:
             return
         for order in self.bus.orders_after(self._seen_generation):
             if order.model in self.manager.names:

@@ -117,6 +117,43 @@ def redis_server(log_dir: Path, port: Optional[int] = None, *, password: Optiona
     return ManagedServer("redis", argv, port, log_dir)
 
 
+def _conf_dir(log_dir: Path, name: str, port: int) -> Path:
+    path = log_dir / f"{name}-{port}.d"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def redis_replica(log_dir: Path, master_port: int, port: Optional[int] = None, *,
+                  password: Optional[str] = None) -> ManagedServer:
+    """A redis-server replicating the one on `master_port` (a conf file with `replicaof`), its own directory."""
+    port = port or free_port()
+    directory = _conf_dir(log_dir, "redis-replica", port)
+    lines = [f"port {port}", "bind 127.0.0.1", 'save ""', "appendonly no", f"dir {directory}",
+             f"replicaof 127.0.0.1 {master_port}"]
+    if password:
+        lines += [f"requirepass {password}", f"masterauth {password}"]
+    conf = directory / "redis.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return ManagedServer("redis-replica", ["redis-server", str(conf)], port, log_dir)
+
+
+def redis_sentinel(log_dir: Path, master_port: int, port: Optional[int] = None, *, service: str = "mymaster",
+                   quorum: int = 2, password: Optional[str] = None, down_after_ms: int = 1000,
+                   failover_timeout_ms: int = 5000) -> ManagedServer:
+    """`redis-server <conf> --sentinel` watching the master on `master_port` (the conf is rewritten by the sentinel)."""
+    port = port or free_port()
+    directory = _conf_dir(log_dir, "redis-sentinel", port)
+    lines = [f"port {port}", "bind 127.0.0.1", f"dir {directory}",
+             f"sentinel monitor {service} 127.0.0.1 {master_port} {quorum}",
+             f"sentinel down-after-milliseconds {service} {down_after_ms}",
+             f"sentinel failover-timeout {service} {failover_timeout_ms}"]
+    if password:
+        lines.append(f"sentinel auth-pass {service} {password}")
+    conf = directory / "sentinel.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return ManagedServer("redis-sentinel", ["redis-server", str(conf), "--sentinel"], port, log_dir)
+
+
 def s3_server(log_dir: Path, port: Optional[int] = None) -> ManagedServer:
     port = port or free_port()
     argv = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]

@@ -10,6 +10,7 @@ from redis.retry import Retry
 
 from registry.errors import PayloadError, SourceUnavailable
 from registry.payload import ModelSection, RegistryPayload
+from registry.redis_client import is_compressed, pack_value, redis_from_url, unpack_value
 from registry.settings import RegistrySettings
 from registry.signing import PayloadCodec
 from registry.sources.payload_source import PayloadSource
@@ -22,25 +23,37 @@ class RedisCacheSource(PayloadSource):
     tag = "[CACHE]"
     live_registry = True
 
-    def __init__(self, url: str, *, key: str, ttl: int, timeout: float, codec: Optional[PayloadCodec] = None):
+    def __init__(self, url: str, *, key: str, ttl: int, timeout: float, codec: Optional[PayloadCodec] = None,
+                 compress_above: int = 0):
         super().__init__(codec)
         self.key = key
         self.ttl = ttl
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            health_check_interval=30,
-        )
+        self.compress_above = compress_above
+        self._inflated: Optional[tuple[bytes, bytes]] = None  # the last compressed value read, and its text
+        # A plain server or a Sentinel-managed master (registry.redis_client); SettingsError for a bad URL.
+        self.client = redis_from_url(url, timeout=timeout, retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1))
 
     @classmethod
     def from_settings(cls, settings: RegistrySettings) -> Optional["RedisCacheSource"]:
         if not settings.redis_url:
             return None
         return cls(settings.redis_url, key=settings.cache_key, ttl=settings.cache_ttl, timeout=settings.redis_timeout,
-                   codec=PayloadCodec.from_secret(settings.signing_key))
+                   codec=PayloadCodec.from_secret(settings.signing_key), compress_above=settings.cache_compress_above)
+
+    def _encode(self, payload: RegistryPayload) -> bytes | str:
+        """Signed JSON, gzip'ed above `compress_above` bytes: the signature covers the JSON, not the gzip."""
+        return pack_value(self.codec.encode(payload), self.compress_above)
+
+    def _text(self, raw: bytes, where: str) -> bytes:
+        """The JSON text of a stored value, compressed or not (whatever this writer's own setting)."""
+        if not is_compressed(raw):
+            return raw
+        inflated = self._inflated
+        if inflated is not None and inflated[0] == raw:
+            return inflated[1]
+        text = unpack_value(raw, where)
+        self._inflated = (bytes(raw), text)
+        return text
 
     def load_payload(self) -> Optional[RegistryPayload]:
         try:
@@ -49,7 +62,8 @@ class RedisCacheSource(PayloadSource):
             raise SourceUnavailable(self.source_id, f"{type(exc).__name__}: {exc}") from exc
         if raw is None:
             return None
-        return self.decode(raw, where=f"redis key {self.key!r}")
+        where = f"redis key {self.key!r}"
+        return self.decode(self._text(raw, where), where=where)
 
     def store_section(self, section: ModelSection, *, replace: bool = False) -> None:
         """Merge one model's section into the cached payload, atomically (WATCH/MULTI, retried by redis-py).
@@ -61,12 +75,12 @@ class RedisCacheSource(PayloadSource):
         def merge(pipe: redis.client.Pipeline) -> None:
             raw = pipe.get(self.key)
             try:
-                current = self.codec.decode(raw, where="redis") if raw is not None else RegistryPayload.empty()
+                current = self.codec.decode(unpack_value(raw, "redis"), where="redis") if raw is not None else RegistryPayload.empty()
             except PayloadError:
                 current = RegistryPayload.empty()  # a corrupt cache value is replaced, the registry below is intact
             pipe.multi()
             updated = current.with_section(section) if replace else current.merge_section(section)
-            pipe.set(self.key, self.codec.encode(updated), ex=self.ttl)
+            pipe.set(self.key, self._encode(updated), ex=self.ttl)
 
         try:
             self.client.transaction(merge, self.key)
@@ -75,7 +89,7 @@ class RedisCacheSource(PayloadSource):
 
     def store_payload(self, payload: RegistryPayload) -> None:
         try:
-            self.client.set(self.key, self.codec.encode(payload), ex=self.ttl)
+            self.client.set(self.key, self._encode(payload), ex=self.ttl)
         except redis.RedisError as exc:
             raise SourceUnavailable(self.source_id, f"write failed: {type(exc).__name__}: {exc}") from exc
 
