@@ -45,6 +45,12 @@ def _name(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return check_names([value])[0]
 
 
+def _version(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if Selector.parse(value).kind != "version":
+        raise click.BadParameter(f"{value!r} is not a version number", param_hint="VERSION")
+    return value
+
+
 def _metric(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
     out = {}
     for text in values:
@@ -170,13 +176,11 @@ def publish(out: Output, name: str, model_dir: str, metrics: dict[str, float], f
 
 @cli.command()
 @click.argument("name", callback=_name)
-@click.argument("version")
+@click.argument("version", callback=_version)
 @click.option("--alias", default=BEST, show_default=True)
 @json_option
 def promote(out: Output, name: str, version: str, alias: str) -> None:
     """Point an alias at a version in MLflow, refresh cache and backup, tell the services."""
-    if Selector.parse(version).kind != "version":
-        raise click.BadParameter(f"{version!r} is not a version number", param_hint="VERSION")
     settings = load_settings()
     with quiet_stdout():
         publisher = _publisher(settings)
@@ -194,15 +198,13 @@ def promote(out: Output, name: str, version: str, alias: str) -> None:
 
 @cli.command()
 @click.argument("name", callback=_name)
-@click.argument("version")
+@click.argument("version", callback=_version)
 @click.option("--alias", default=None, help="remove only this alias from the version; the version stays")
 @click.option("--primary-metric", default="f1", show_default=True, help="the metric that decides where `best` moves")
 @click.option("--lower-is-better", is_flag=True)
 @json_option
 def revoke(out: Output, name: str, version: str, alias: Optional[str], primary_metric: str, lower_is_better: bool) -> None:
     """Take a version out of service: delete it (its aliases go; `best` moves), or remove one alias."""
-    if Selector.parse(version).kind != "version":
-        raise click.BadParameter(f"{version!r} is not a version number", param_hint="VERSION")
     settings = load_settings()
     with quiet_stdout():
         publisher = _publisher(settings)

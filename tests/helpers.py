@@ -114,13 +114,21 @@ class MisbehavingLayer:
 
     @contextmanager
     def running(self) -> Iterator["MisbehavingLayer"]:
-        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with serving(self.server):
             yield self
-        finally:
-            self.server.shutdown()
-            self.server.server_close()
+
+
+@contextmanager
+def serving(server: Any) -> Iterator[Any]:
+    """Run a `socketserver` server (http.server's) in a thread for the block, then shut it down."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
 def publish_tiny(settings: RegistrySettings, name: str, seed: int, f1: float, flavor: str = "transformers"):

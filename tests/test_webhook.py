@@ -14,6 +14,7 @@ import pytest
 
 from registry.errors import WebhookRejected
 from registry.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, RegistryEvent, sign_delivery, verify_delivery
+from tests.helpers import serving
 
 SECRET = "webhook-secret-\u00e9"
 NOW = 1_760_000_000.0
@@ -150,14 +151,8 @@ class Receiver:
 @contextmanager
 def receiver() -> Iterator[Receiver]:
     rx = Receiver()
-    thread = threading.Thread(target=rx.server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(rx.server):
         yield rx
-    finally:
-        rx.server.shutdown()
-        rx.server.server_close()
-        thread.join(timeout=5)
 
 
 def wait_until_live(client, rx: Receiver, probe: str) -> None:
