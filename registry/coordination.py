@@ -116,8 +116,10 @@ class ReloadBus(abc.ABC):
         """Every outcome recorded for an order, by worker."""
 
     @abc.abstractmethod
-    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None, replica: Optional[str] = None) -> None:
-        """Say this worker is alive, which version of each model it serves, and which replica it belongs to."""
+    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None, replica: Optional[str] = None,
+                  loaded: Optional[list[str]] = None) -> None:
+        """Say this worker is alive, which registry version of each model it serves, which replica it
+        belongs to, and which models it has loaded (the pretrained fallback included)."""
 
     @abc.abstractmethod
     def _live(self) -> dict[str, dict[str, Any]]:
@@ -128,7 +130,7 @@ class ReloadBus(abc.ABC):
         return sorted(self._live())
 
     def beats(self) -> dict[str, dict[str, Any]]:
-        """The live heartbeats by worker: {"at", "serving", "replica"}."""
+        """The live heartbeats by worker: {"at", "serving", "replica", "loaded"}."""
         return self._live()
 
     def serving(self) -> dict[str, dict[str, str]]:
@@ -245,9 +247,10 @@ class RedisReloadBus(ReloadBus):
     def claim(self, key: str, ttl: float) -> bool:
         return bool(self._call(self.client.set, f"{self.prefix}:claim:{key}", worker_id(), nx=True, px=max(1, int(ttl * 1000))))
 
-    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None, replica: Optional[str] = None) -> None:
+    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None, replica: Optional[str] = None,
+                  loaded: Optional[list[str]] = None) -> None:
         self._call(self.client.hset, f"{self.prefix}:workers", worker,
-                   json.dumps({"at": time.time(), "serving": serving or {}, "replica": replica}))
+                   json.dumps({"at": time.time(), "serving": serving or {}, "replica": replica, "loaded": loaded or []}))
 
     def _live(self) -> dict[str, dict[str, Any]]:
         now = time.time()
@@ -278,7 +281,8 @@ def _beat(raw: bytes) -> Optional[dict[str, Any]]:
         return {"at": float(data), "serving": {}}
     if isinstance(data, dict) and isinstance(data.get("at"), (int, float)):
         serving = data.get("serving")
-        return {"at": float(data["at"]), "serving": serving if isinstance(serving, dict) else {}, "replica": data.get("replica")}
+        return {"at": float(data["at"]), "serving": serving if isinstance(serving, dict) else {}, "replica": data.get("replica"),
+                "loaded": data.get("loaded") if isinstance(data.get("loaded"), list) else []}
     return None
 
 

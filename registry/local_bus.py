@@ -133,9 +133,11 @@ class FileReloadBus(ReloadBus):
             return True
 
     @_local_io
-    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None, replica: Optional[str] = None) -> None:
+    def heartbeat(self, worker: str, serving: Optional[dict[str, str]] = None, replica: Optional[str] = None,
+                  loaded: Optional[list[str]] = None) -> None:
         self._write_json(f"worker-{_file_safe(worker)}.json",
-                         {"worker": worker, "at": time.time(), "serving": serving or {}, "replica": replica})
+                         {"worker": worker, "at": time.time(), "serving": serving or {}, "replica": replica,
+                          "loaded": loaded or []})
 
     @_local_io
     def _live(self) -> dict[str, dict[str, Any]]:
@@ -147,7 +149,7 @@ class FileReloadBus(ReloadBus):
                 data = json.loads(path.read_text())
                 if now - float(data["at"]) <= HEARTBEAT_TTL:
                     live[str(data["worker"])] = {"at": float(data["at"]), "serving": data.get("serving") or {},
-                                                 "replica": data.get("replica")}
+                                                 "replica": data.get("replica"), "loaded": data.get("loaded") or []}
                 else:
                     path.unlink(missing_ok=True)
         return live

@@ -106,6 +106,8 @@ class Follower:
         except SourceUnavailable as exc:
             return {"action": "none", "reason": f"MLflow unavailable: {exc.reason}"}
         served = self.host.manager.served().get(name)
+        if record is None and served is not None and served.runner_is_stand_in:
+            return {"action": "none", "reason": "not in MLflow; the pretrained fallback serves"}
         if record is None:
             serving = f"version {served.record.version} keeps serving" if served else "nothing serves"
             logger.warning("[MLFLOW] %s: %s@%s names no version in MLflow now; %s", trigger, name, self.selector, serving)

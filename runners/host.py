@@ -162,7 +162,7 @@ class ModelHost:
         except CoordinationError:
             return True, ""
         loading = [w for w, beat in beats.items() if beat.get("replica") == self.replica
-                   and not all(name in (beat.get("serving") or {}) for name in self.manager.names)]
+                   and not all(name in (beat.get("loaded") or ()) for name in self.manager.names)]
         if loading:
             return False, f"worker(s) {', '.join(sorted(loading))} of this replica still loading"
         return True, ""
@@ -200,7 +200,7 @@ class ModelHost:
         return sorted(counts, key=lambda v: (-counts[v], -int(v)))
 
     def _heartbeat_step(self) -> None:
-        self.bus.heartbeat(self.worker, self.manager.served_versions(), self.replica)
+        self.bus.heartbeat(self.worker, self.manager.served_versions(), self.replica, sorted(self.manager.served()))
 
     def _watch_step(self) -> None:
         """Apply reload orders announced by other workers or replicas, in order, and acknowledge them."""
