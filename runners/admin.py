@@ -246,6 +246,10 @@ def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = (),
     hosts = [name for name in dir(cls) if isinstance(getattr(cls, name, None), ModelHost)]
     if not hosts:
         raise TypeError(f"{cls.__name__} declares no ModelHost attribute (e.g. `host = ModelHost(models=[...])`)")
+    for name in hosts:
+        # Checked when the service module is imported, so a bad setting stops `bentoml serve` at once
+        # instead of every worker failing in BentoML's restart loop.
+        getattr(cls, name).check_configuration()
     original_init = cls.__init__
 
     @functools.wraps(original_init)

@@ -30,12 +30,12 @@ class GateSet:
 
     @classmethod
     def read(cls, model: str, spec: GateSpec) -> "GateSet":
-        where = f"REGISTRY_GATE[{model!r}].path={str(spec.path)!r}"
+        where = f"{model}: {spec.path}"
         texts, labels = [], []
         try:
             lines = spec.path.read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise SettingsError("REGISTRY_GATE", str(spec.path), f"cannot read the gate set: {exc}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError("REGISTRY_GATE", where, f"cannot read the gate set: {exc}") from exc
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -43,9 +43,9 @@ class GateSet:
                 row = json.loads(line)
             except ValueError as exc:
                 raise SettingsError("REGISTRY_GATE", where, f"line {number} is not JSON: {exc}") from exc
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not isinstance(row.get("label"), str) \
-                    or not row["text"].strip():
-                raise SettingsError("REGISTRY_GATE", where, f'line {number} must be {{"text": "...", "label": "..."}}')
+            problem = _row_problem(row)
+            if problem:
+                raise SettingsError("REGISTRY_GATE", where, f'line {number}: {problem}; each line is {{"text": "...", "label": "..."}}')
             texts.append(row["text"])
             labels.append(row["label"])
         if not texts:
@@ -55,6 +55,17 @@ class GateSet:
     def accuracy(self, predict: Predict) -> float:
         predictions = predict(list(self.texts))
         return sum(p.get("label") == label for p, label in zip(predictions, self.labels)) / len(self.labels)
+
+
+def _row_problem(row: Any) -> Optional[str]:
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    for key in ("text", "label"):
+        if key not in row:
+            return f'no "{key}" (keys: {", ".join(sorted(map(str, row))) or "none"})'
+        if not isinstance(row[key], str) or not row[key].strip():
+            return f'"{key}" must be a non-empty string'
+    return None
 
 
 class PromotionGate:

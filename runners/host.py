@@ -72,6 +72,15 @@ class ModelHost:
             host = instance.__dict__[self._attribute] = ModelHost(*self._config[:1], models=self._config[1], runner=self._config[2]).start()
         return host
 
+    def check_configuration(self) -> None:
+        """Read the settings and the gate sets as the workers will; raises SettingsError naming the variable."""
+        from runners.gate import PromotionGate
+        from runners.kinds import runner_factory
+
+        settings = self._config[0] or RegistrySettings.from_env()
+        PromotionGate(settings.gate)
+        runner_factory(self._config[2])
+
     def _build(self) -> None:
         from runners.kinds import runner_factory
 

@@ -143,11 +143,11 @@ def test_figures_are_computed_once_per_model_version_and_sha(tmp_path):
 
 @pytest.mark.parametrize(("line", "why"), [
     ("{not json", "line 2 is not JSON"),
-    ('["text", "label"]', "line 2 must be"),
-    ('{"text": "x"}', "line 2 must be"),
-    ('{"text": 7, "label": "SAFE"}', "line 2 must be"),
-    ('{"text": "   ", "label": "SAFE"}', "line 2 must be"),
-    ('{"text": "x", "label": 1}', "line 2 must be"),
+    ('["text", "label"]', "line 2: a JSON list, not an object"),
+    ('{"text": "x"}', 'line 2: no "label" (keys: text)'),
+    ('{"text": 7, "label": "SAFE"}', 'line 2: "text" must be a non-empty string'),
+    ('{"text": "   ", "label": "SAFE"}', 'line 2: "text" must be a non-empty string'),
+    ('{"text": "x", "label": 1}', 'line 2: "label" must be a non-empty string'),
 ])
 def test_a_bad_line_names_registry_gate_and_the_line(tmp_path, line, why):
     path = write_set(tmp_path / "gate.jsonl", [ROWS[0], line, ROWS[1]])

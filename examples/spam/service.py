@@ -12,12 +12,20 @@ from __future__ import annotations
 from typing import Any
 
 import bentoml
+from pydantic import BaseModel, Field, StrictStr
 
+from registry.errors import ModelNotLoaded
 from runners.admin import error, registry_admin
 from runners.host import ModelHost
 
 
-@registry_admin(json_routes=("/score",))
+class ScoreRequest(BaseModel):
+    """Body of POST /score, checked before BentoML sees it: a wrong body is a 400 naming the field."""
+
+    texts: list[StrictStr] = Field(min_length=1, max_length=256)
+
+
+@registry_admin(json_routes=("/score",), schemas={"/score": ScoreRequest})
 @bentoml.service(name="spam_filter", traffic={"timeout": 60})
 class SpamFilter:
     """Scores texts with the `spam` model's version the registry names (registered as `<prefix>spam`)."""
@@ -26,7 +34,10 @@ class SpamFilter:
 
     @bentoml.api(route="/score")
     async def score(self, texts: list[str]) -> dict[str, Any]:
-        if not texts or len(texts) > 256 or not all(t.strip() for t in texts):
-            return error(400, "'texts' must hold 1 to 256 non-empty strings")
-        served = self.host.get("spam")  # one snapshot per request
+        if not all(t.strip() for t in texts):
+            return error(400, "every text must be non-empty")
+        try:
+            served = self.host.get("spam")  # one snapshot per request
+        except ModelNotLoaded as exc:  # still loading, or nothing loadable: say why (BentoML would answer 500)
+            return error(503, str(exc))
         return {"model": served.identity(), "predictions": await served.predict(texts)}
