@@ -1,12 +1,19 @@
 """The hot path: classify throughput and latency at 1, 8 and 32 clients, beside the model's own speed.
 
-Three subjects serve the same registered demo model (version 1):
+Subjects serving the same registered demo model (version 1):
 - the raw model in this process: the artifact loaded with plain transformers, tokenize + forward
-  over batches of the text mix; the ceiling is the best of batch sizes 1-32 and torch threads 1 and 2
-  (2 threads is the machine's width; taking the best of both can only raise the ceiling);
-- the service, `bentoml serve` with its defaults (one worker, `REGISTRY_TORCH_THREADS` default);
-- `mlflow models serve --env-manager local` of `models:/security_prompt_injection/1`, its defaults.
-Each request classifies one text of the mix, so requests/s and texts/s are the same number.
+  over batches of the text mix. The honest ceiling is the best of every batching the service could
+  use: batches of 1-32 in mix order, the whole mix sorted by length in batches of 8-32, and the
+  service's own scheme (windows of 32 texts split into length groups of at most 8), each at torch
+  threads 1 and 2 (2 threads is the machine's width; taking the best can only raise the ceiling);
+- the service, `bentoml serve` with its defaults (one worker, `REGISTRY_TORCH_THREADS` default),
+  and the same with `REGISTRY_ACCELERATE=int8`;
+- peers: `mlflow models serve --env-manager local` of `models:/security_prompt_injection/1`, its
+  defaults; a plain BentoML `@bentoml.api(batchable=True)` service (bench/peer_bentoml.py); MLServer
+  1.7 with its Hugging Face runtime and adaptive batching (bench/peers.py, its own venv).
+Each request classifies one text of the mix, so requests/s and texts/s are the same number. All
+servers are up together and the load levels interleave them (per level, each subject in turn).
+At the end, one profiled run (py-spy, 32 clients) says where the service's CPU time goes.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from bench.report import AreaReport
 LEVELS = (1, 8, 32)
 RAW_BATCHES = (1, 8, 16, 32)
 RAW_THREADS = (1, 2)
+#: The service's batching: the batcher gathers up to this many texts, the runner splits them into length groups of at most 8.
+SERVICE_WINDOW, SERVICE_GROUP = 32, 8
 
 
 class RawModel:
@@ -54,30 +63,51 @@ class RawModel:
             indices = self.model(**encoded).logits.softmax(dim=-1).argmax(dim=-1)
         return [self.labels[i] for i in indices.tolist()]
 
+    def predict_grouped(self, texts: list[str], group: int = SERVICE_GROUP) -> list[str]:
+        """The service's scheme with nothing around it: tokenize once, length groups of at most `group`, pad per group."""
+        import torch
 
-def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int) -> dict[str, Any]:
+        from runners.runner import length_groups
+
+        features = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        out: list[str] = [""] * len(texts)
+        for idx in length_groups([len(ids) for ids in features["input_ids"]], group):
+            batch = self.tokenizer.pad({k: [v[i] for i in idx] for k, v in features.items()}, return_tensors="pt")
+            with torch.inference_mode():
+                indices = self.model(**batch).logits.softmax(dim=-1).argmax(dim=-1)
+            for i, j in zip(idx, indices.tolist()):
+                out[i] = self.labels[j]
+        return out
+
+
+def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int, configs: Optional[list[tuple[int, int, str]]] = None,
+                raw: Optional[RawModel] = None, results: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """texts/s of the plain model in this process per torch thread count and batch size, best of `trials`.
 
     The raw model is the artifact loaded with transformers directly, so the ceiling does not move
     with the runner's own batching code. Each configuration runs `trials` times for `seconds`,
     interleaved with the others, and keeps its best trial: a ceiling is what the machine can do, and
     other work on a shared machine only ever lowers a trial. Batches take the mix in order (mixed
-    lengths, padded to the longest), and also sorted by length (little padding: what
-    length-grouped batching can reach).
+    lengths, padded to the longest), sorted by length (little padding), and as the service groups
+    them (windows of 32 in mix order, length groups of at most 8). The ceiling is the best of all.
+    `configs`, `raw` and `results` let a later call add trials of some configurations to the same table.
     """
     import torch
 
-    raw = RawModel(lab)
+    raw = raw or RawModel(lab)
     previous = torch.get_num_threads()
     ordered = sorted(texts, key=len)
-    configs = [(t, b, False) for t in RAW_THREADS for b in RAW_BATCHES] + [(t, b, True) for t in RAW_THREADS for b in RAW_BATCHES[1:]]
-    results: dict[str, Any] = {}
+    configs = configs or ([(t, b, "mixed") for t in RAW_THREADS for b in RAW_BATCHES]
+                          + [(t, b, "sorted") for t in RAW_THREADS for b in RAW_BATCHES[1:]]
+                          + [(t, SERVICE_WINDOW, "grouped") for t in RAW_THREADS])
+    results = {} if results is None else results
     try:
         for _ in range(trials):
-            for threads, batch, by_length in configs:
+            for threads, batch, mode in configs:
                 torch.set_num_threads(threads)
-                source = ordered if by_length else texts
-                raw.predict(source[:batch])  # warm this shape
+                source = ordered if mode == "sorted" else texts
+                run_batch = raw.predict_grouped if mode == "grouped" else raw.predict
+                run_batch(source[:batch])  # warm this shape
                 done, i, batch_times = 0, 0, []
                 start = time.perf_counter()
                 while time.perf_counter() - start < seconds:
@@ -85,12 +115,13 @@ def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int) -> dict
                     chunk = (source + source)[lo:lo + batch]
                     i += 1
                     t0 = time.perf_counter()
-                    raw.predict(chunk)
+                    run_batch(chunk)
                     batch_times.append(time.perf_counter() - t0)
                     done += len(chunk)
                 rate = done / (time.perf_counter() - start)
-                key = f"threads={threads},batch={batch}" + (",sorted" if by_length else "")
-                row = results.setdefault(key, {"threads": threads, "batch": batch, "sorted": by_length, "trials": []})
+                key = f"threads={threads},batch={batch}" + ("" if mode == "mixed" else f",{mode}")
+                row = results.setdefault(key, {"threads": threads, "batch": batch, "mode": mode, "sorted": mode == "sorted",
+                                               "trials": []})
                 row["trials"].append(round(rate, 2))
                 if rate >= row.get("texts_per_s", 0):
                     row.update(texts_per_s=rate, batch_ms_median=sorted(batch_times)[len(batch_times) // 2] * 1000)
@@ -98,11 +129,12 @@ def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int) -> dict
         labels = raw.predict(texts)
     finally:
         torch.set_num_threads(previous)
-    return {"runs": results, "labels": labels}
+    return {"runs": results, "labels": labels, "model": raw}
 
 
-def best(runs: dict[str, Any], threads: Optional[int] = None, by_length: bool = False) -> dict[str, Any]:
-    return max((r for r in runs.values() if (threads is None or r["threads"] == threads) and r["sorted"] == by_length),
+def best(runs: dict[str, Any], threads: Optional[int] = None, mode: Optional[str] = None) -> dict[str, Any]:
+    """The fastest configuration, of one thread count and/or batching mode when given (all of them: the ceiling)."""
+    return max((r for r in runs.values() if (threads is None or r["threads"] == threads) and (mode is None or r["mode"] == mode)),
                key=lambda r: r["texts_per_s"])
 
 
@@ -123,81 +155,190 @@ def service_levels(svc: Any, name: str, bodies: list[bytes], duration: float, wa
     return results, mean_batch
 
 
+def _table(results: dict[str, dict[int, LoadResult]], rss: dict[str, Optional[float]]) -> list[str]:
+    lines = ["subject | clients | req/s | p50 ms | p99 ms | non-200+errors | RSS MiB"]
+    for name, levels in results.items():
+        for c, r in levels.items():
+            lines.append(f"{name} | {c} | {r.rps:.1f} | {r.p50_ms or 0:.0f} | {r.p99_ms or 0:.0f} | {r.bad} | "
+                         f"{'-' if rss.get(name) is None else f'{rss[name]:.0f}'}")
+    return lines
+
+
 def run(lab: Lab, quick: bool) -> AreaReport:
-    report = AreaReport("hotpath", "classify throughput and latency, demo MiniLM, one text per request")
-    duration, warmup, raw_s, trials = (4.0, 1.0, 1.0, 1) if quick else (15.0, 3.0, 2.5, 2)
+    from bench import peers as peer_mod
+    from bench.profile import profile_service
+
+    report = AreaReport("hotpath", "classify throughput and latency, demo MiniLM, one text per request; peers; profile")
+    duration, warmup, raw_s, trials, profile_s = (3.0, 1.0, 0.7, 1, 4.0) if quick else (15.0, 3.0, 2.5, 2, 12.0)
     demo = lab.demo()
     texts = text_mix()
 
-    raw = raw_ceiling(lab, texts, raw_s, trials)
-    ceiling, raw_2t, raw_1t, bucketed = best(raw["runs"]), best(raw["runs"], 2), best(raw["runs"], 1), best(raw["runs"], by_length=True)
+    # --quick: the configurations that won before, and no peers but mlflow (each start costs 20-40 s here).
+    quick_configs = [(1, 8, "mixed"), (1, 8, "sorted"), (1, SERVICE_WINDOW, "grouped"), (2, SERVICE_WINDOW, "grouped")]
+    raw = raw_ceiling(lab, texts, raw_s, trials, configs=quick_configs if quick else None)
+    runs = raw["runs"]
 
-    # Both servers up at once, levels interleaved (service, then mlflow, per level): drift in the
-    # other work on a shared machine then falls on both alike. An idle server costs little CPU.
-    svc, ready_s = lab.service()
-    started = time.perf_counter()
-    mls = lab.mlflow_models_serve()
-    mls_start_s = time.perf_counter() - started
-    service: dict[int, LoadResult] = {}
-    mlflow: dict[int, LoadResult] = {}
-    mean_batch: dict[int, Optional[float]] = {}
+    # Every server up at once, levels interleaved (each subject in turn, per level): drift in the
+    # other work on a shared machine then falls on all alike. An idle server costs little CPU.
+    # Started side by side (each start mostly waits on imports and loading).
+    from concurrent.futures import ThreadPoolExecutor
+
+    def timed(fn: Any) -> Any:
+        t0 = time.perf_counter()
+        return fn(), time.perf_counter() - t0
+
+    skipped: dict[str, str] = {}
+    starts: dict[str, Any] = {"bentoml-batchable": lambda: peer_mod.bentoml_batchable(lab), "mlserver": lambda: peer_mod.mlserver(lab)}
+    if quick:
+        skipped.update({name: "full runs only (--quick skips it)" for name in starts})
+        starts = {}
+    elif peer_mod.mlserver_ready():
+        skipped["mlserver"] = str(peer_mod.mlserver_ready())
+        del starts["mlserver"]
+    with ThreadPoolExecutor(max_workers=3 + len(starts)) as pool:
+        f_svc = pool.submit(lab.service)
+        f_int8 = pool.submit(lab.service, REGISTRY_ACCELERATE="int8")
+        f_mls = pool.submit(timed, lab.mlflow_models_serve)
+        f_peers = {name: pool.submit(start) for name, start in starts.items()}
+        (svc, ready_s), (int8, int8_ready_s), (mls, mls_start_s) = f_svc.result(), f_int8.result(), f_mls.result()
+        peers: dict[str, Any] = {}
+        for name, fut in f_peers.items():
+            try:
+                peers[name] = fut.result()
+            except Exception as exc:  # a peer that does not start is reported, the rest is still measured
+                skipped[name] = f"{type(exc).__name__}: {str(exc)[-800:]}"
+    subjects: dict[str, tuple[str, str, list[bytes]]] = {}  # name -> (url, path, bodies)
+    results: dict[str, dict[int, LoadResult]] = {}
+    mean_batch: dict[str, dict[int, Optional[float]]] = {"service": {}, "service-int8": {}}
     loadavg: dict[str, float] = {}
+    labels: dict[str, list[str]] = {}
+    rss: dict[str, Optional[float]] = {}
+    profile: dict[str, Any] = {}
     try:
         answer = svc.classify(texts).json()
-        service_labels = [p["label"] for p in answer["predictions"]]
+        labels["service"] = [p["label"] for p in answer["predictions"]]
         served_version = answer["model"]["version"]
+        answer8 = int8.classify(texts).json()
+        labels["service-int8"] = [p["label"] for p in answer8["predictions"]]
+        int8_execution = answer8["model"].get("execution", "eager")
+        int8_runner = get_json(int8.client, "/models")["models"][demo.name].get("runner", {})
         first = httpx.post(mls.url + "/invocations", json={"inputs": texts}, timeout=120)
         first.raise_for_status()
-        mlflow_labels = [p["label"] for p in first.json()["predictions"]]
+        labels["mlflow"] = [p["label"] for p in first.json()["predictions"]]
+        for name, peer in peers.items():
+            labels[name] = peer.labels(texts)
         service_bodies = [json.dumps({"texts": [t]}).encode() for t in texts]
-        mlflow_bodies = [json.dumps({"inputs": [t]}).encode() for t in texts]
+        subjects["service"] = (svc.url, "/classify", service_bodies)
+        subjects["service-int8"] = (int8.url, "/classify", service_bodies)
+        subjects["mlflow"] = (mls.url, "/invocations", [json.dumps({"inputs": [t]}).encode() for t in texts])
+        for name, peer in peers.items():
+            subjects[name] = (peer.url, peer.path, [peer.body(t) for t in texts])
         for c in LEVELS:
-            loadavg[f"service_{c}"] = os.getloadavg()[0]
-            levels, batches = service_levels(svc, demo.name, service_bodies, duration, warmup, levels=(c,))
-            service[c], mean_batch[c] = levels[c], batches[c]
-            loadavg[f"mlflow_{c}"] = os.getloadavg()[0]
-            mlflow[c] = run_load(mls.url, "/invocations", mlflow_bodies, c, duration, warmup)
-        service_rss = rss_mib(svc.proc.pid) if svc.proc else None
-        mlflow_rss = rss_mib(mls.proc.pid) if mls.proc else None
+            for name, (url, path, bodies) in subjects.items():
+                loadavg[f"{name}_{c}"] = os.getloadavg()[0]
+                if name in mean_batch:
+                    proc = svc if name == "service" else int8
+                    levels, batches = service_levels(proc, demo.name, bodies, duration, warmup, levels=(c,))
+                    results.setdefault(name, {})[c], mean_batch[name][c] = levels[c], batches[c]
+                else:
+                    results.setdefault(name, {})[c] = run_load(url, path, bodies, c, duration, warmup)
+        # The ceiling again, now, for its best configurations: other work on the machine moves during a run,
+        # and a ceiling measured only before the servers started could be lower than what the service then reached.
+        top = sorted(runs.values(), key=lambda r: r["texts_per_s"], reverse=True)[:3]
+        raw_ceiling(lab, texts, raw_s, 1, configs=[(r["threads"], r["batch"], r["mode"]) for r in top], raw=raw["model"], results=runs)
+        for name, proc in (("service", svc.proc), ("service-int8", int8.proc), ("mlflow", mls.proc),
+                           *((n, p.server.proc) for n, p in peers.items())):
+            rss[name] = rss_mib(proc.pid) if proc else None
+        profile = profile_service(svc, service_bodies, 32, profile_s)
     finally:
-        svc.stop()
-        mls.stop()
+        for server in (svc, int8, mls, *peers.values()):
+            server.stop()
 
-    report.add("raw model ceiling: best of threads x batch", ceiling["texts_per_s"], "texts/s", key="raw_ceiling",
-               note=f"{ceiling['threads']} thread(s), batch {ceiling['batch']}")
-    report.add("raw model, 2 threads, best batch", raw_2t["texts_per_s"], "texts/s", "raw ceiling", ceiling["texts_per_s"],
-               note=f"batch {raw_2t['batch']}", key="raw_2threads")
-    report.add("raw model, 1 thread, best batch", raw_1t["texts_per_s"], "texts/s", "raw ceiling", ceiling["texts_per_s"],
-               note=f"batch {raw_1t['batch']}", key="raw_1thread")
+    ceiling, raw_2t, raw_1t = best(runs), best(runs, 2), best(runs, 1)
+    bucketed, grouped = best(runs, mode="sorted"), best(runs, mode="grouped")
+    service, mlflow = results["service"], results["mlflow"]
+    report.add("raw model ceiling: best of threads x batching", ceiling["texts_per_s"], "texts/s", key="raw_ceiling",
+               note=f"{ceiling['threads']} thread(s), batch {ceiling['batch']}, {ceiling['mode']}; over mix-order batches 1-32, "
+                    "length-sorted batches 8-32 and the service's windows of 32 in length groups of <= 8, threads 1 and 2")
+    report.add("raw model, 2 threads, best batching", raw_2t["texts_per_s"], "texts/s", "raw ceiling", ceiling["texts_per_s"],
+               note=f"batch {raw_2t['batch']}, {raw_2t['mode']}", key="raw_2threads")
+    report.add("raw model, 1 thread, best batching", raw_1t["texts_per_s"], "texts/s", "raw ceiling", ceiling["texts_per_s"],
+               note=f"batch {raw_1t['batch']}, {raw_1t['mode']}", key="raw_1thread")
     report.add("raw model, length-sorted batches", bucketed["texts_per_s"], "texts/s", "raw ceiling", ceiling["texts_per_s"],
-               note=f"{bucketed['threads']} thread(s), batch {bucketed['batch']}; the mix sorted by length, so a batch pads little "
-                    "(what length-grouped batching can reach; not part of the ceiling)", key="raw_sorted")
+               note=f"{bucketed['threads']} thread(s), batch {bucketed['batch']}; the whole mix sorted by length", key="raw_sorted")
+    report.add("raw model, the service's grouping", grouped["texts_per_s"], "texts/s", "raw ceiling", ceiling["texts_per_s"],
+               note=f"{grouped['threads']} thread(s); windows of {SERVICE_WINDOW} texts, length groups of <= {SERVICE_GROUP}",
+               key="raw_grouped")
     for c in LEVELS:
         s, m = service[c], mlflow[c]
         report.add(f"service throughput, {c} clients, vs ceiling", s.rps, "req/s", "raw ceiling", ceiling["texts_per_s"],
-                   key=f"svc_rps_vs_raw_{c}", note=f"mean batch formed by the service: {mean_batch[c]}")
+                   key=f"svc_rps_vs_raw_{c}", note=f"mean batch formed by the service: {mean_batch['service'][c]}")
         report.add(f"service throughput, {c} clients, vs mlflow", s.rps, "req/s", "mlflow models serve", m.rps, key=f"svc_rps_vs_mlflow_{c}")
         report.add(f"service p50, {c} clients", s.p50_ms, "ms", "mlflow models serve p50", m.p50_ms, key=f"svc_p50_{c}")
         report.add(f"service p99, {c} clients", s.p99_ms, "ms", "mlflow models serve p99", m.p99_ms, key=f"svc_p99_{c}")
         report.add(f"service non-200 + errors, {c} clients", float(s.bad), "count", "mlflow models serve", float(m.bad), key=f"svc_bad_{c}")
-    report.add("service RSS after load", service_rss, "MiB", "mlflow models serve RSS", mlflow_rss, key="rss")
-    agree = sum(a == b for a, b in zip(service_labels, raw["labels"], strict=True))
-    agree_m = sum(a == b for a, b in zip(mlflow_labels, raw["labels"], strict=True))
-    report.notes.append(f"labels agree with the raw model on {agree}/{len(texts)} texts (service, version {served_version}), "
-                        f"{agree_m}/{len(texts)} (mlflow models serve)")
+    report.add("service RSS after load", rss.get("service"), "MiB", "mlflow models serve RSS", rss.get("mlflow"), key="rss")
+
+    # The issue's headline ratios, all at 32 clients, all from this run.
+    s32 = service[32]
+    report.add("service vs honest raw ceiling, 32 clients", s32.rps, "req/s", "raw ceiling (any batching, 1-2 threads)",
+               ceiling["texts_per_s"], key="svc_vs_ceiling_32")
+    report.add("service p99 vs p50, 32 clients", s32.p99_ms, "ms", "service p50", s32.p50_ms, key="svc_p99_over_p50_32")
+    for c in LEVELS:
+        a = results["service-int8"][c]
+        report.add(f"REGISTRY_ACCELERATE=int8 throughput, {c} clients", a.rps, "req/s", "service, eager", service[c].rps,
+                   key=f"accel_vs_eager_{c}", note=f"execution {int8_execution}; p50 {a.p50_ms or 0:.0f} ms, p99 {a.p99_ms or 0:.0f} ms; "
+                                                  f"mean batch {mean_batch['service-int8'][c]}")
+    report.add("REGISTRY_ACCELERATE=int8 non-200 + errors, 32 clients", float(results["service-int8"][32].bad), "count",
+               key="accel_bad_32")
+    mismatch = sum(a != b for a, b in zip(labels["service-int8"], labels["service"], strict=True))
+    report.add("REGISTRY_ACCELERATE=int8 labels differing from eager (56-text mix)", float(mismatch), "count", key="accel_label_mismatches",
+               note=f"runner: execution {int8_runner.get('execution')}, accelerate {int8_runner.get('accelerate')}")
+    report.add("service vs mlflow models serve, 32 clients", s32.rps, "req/s", "mlflow models serve", mlflow[32].rps, key="svc_vs_mlflow_32")
+    for name, key in (("bentoml-batchable", "svc_vs_bentoml_batchable_32"), ("mlserver", "svc_vs_mlserver_32")):
+        if name in results:
+            peer_best = max(results[name].values(), key=lambda r: r.rps)
+            label = "plain BentoML batchable at 32 clients" if name == "bentoml-batchable" else "MLServer, best of 1/8/32 clients"
+            base = results[name][32].rps if name == "bentoml-batchable" else peer_best.rps
+            report.add(f"service vs {name}, 32 clients", s32.rps, "req/s", label, base, key=key,
+                       note=f"{name}: " + ", ".join(f"{c} clients {r.rps:.1f} req/s p99 {r.p99_ms or 0:.0f} ms bad {r.bad}"
+                                                    for c, r in results[name].items()))
+        else:
+            report.add(f"service vs {name}, 32 clients", s32.rps, "req/s", f"{name} (not measured)", None, key=key,
+                       note=f"not measured: {skipped.get(name)}")
+    for name, fig in (profile.get("shares") or {}).items():
+        report.add(f"profile, 32 clients: {name} share of service CPU samples", fig, "x", key=f"profile_{name}")
+
+    agree = {name: sum(a == b for a, b in zip(got, labels["service"], strict=True)) for name, got in labels.items()}
+    agree_raw = sum(a == b for a, b in zip(labels["service"], raw["labels"], strict=True))
+    report.notes.append(f"labels agree with the service's (version {served_version}) on: "
+                        + ", ".join(f"{name} {n}/{len(texts)}" for name, n in agree.items()) + f", raw model {agree_raw}/{len(texts)}")
+    report.notes.append("per subject and level (same load generator, same run):")
+    report.notes.extend("  " + line for line in _table(results, rss))
+    for name, why in skipped.items():
+        report.notes.append(f"{name} not measured: {why}")
     report.notes.append(f"each level: {warmup:.0f} s warm-up, then {duration:.0f} s measured"
-                        f"{' (throughput per third of the window in the JSON file)' if duration >= 9 else ''}; service and mlflow interleaved per level; "
+                        f"{' (throughput per third of the window in the JSON file)' if duration >= 9 else ''}; subjects interleaved per level; "
                         f"text mix of {len(texts)} texts, {min(map(len, texts))}-{max(map(len, texts))} characters; "
-                        f"raw: best of {trials} x {raw_s:.1f} s per configuration")
-    report.notes.append("load generator CPU (s per s, same process for both): "
-                        + ", ".join(f"{c} clients {service[c].client_cpu} / {mlflow[c].client_cpu}" for c in LEVELS))
-    report.notes.append(f"1-minute load average at each level start: {', '.join(f'{k} {v:.1f}' for k, v in loadavg.items())}")
-    report.notes.append(f"service ready in {ready_s:.1f} s; mlflow models serve up in {mls_start_s:.1f} s")
+                        f"raw: best of {trials} x {raw_s:.1f} s per configuration, the top 3 measured once more after the levels")
+    report.notes.append("load generator CPU (s per s): " + "; ".join(
+        f"{name} " + "/".join(str(r.client_cpu) for r in levels.values()) for name, levels in results.items()))
+    report.notes.append(f"service ready in {ready_s:.1f} s (int8: {int8_ready_s:.1f} s); mlflow models serve up in {mls_start_s:.1f} s")
+    if profile:
+        report.notes.append(f"profile: {profile.get('summary')}")
     report.detail = {
-        "raw": raw["runs"],
+        "raw": runs,
+        "raw_labels_agree_with_service": agree_raw,
         "service": {c: r.to_dict() for c, r in service.items()},
-        "service_mean_batch": mean_batch,
+        "service_mean_batch": mean_batch["service"],
         "mlflow_models_serve": {c: r.to_dict() for c, r in mlflow.items()},
+        "subjects": {name: {c: r.to_dict() for c, r in levels.items()} for name, levels in results.items()},
+        "mean_batch": mean_batch,
+        "rss_mib": rss,
+        "labels_agree_with_service": agree,
+        "int8_runner": int8_runner,
+        "skipped": skipped,
+        "profile": profile,
         "loadavg_at_level_start": loadavg,
         "service_ready_s": round(ready_s, 2),
         "mlflow_models_serve_start_s": round(mls_start_s, 2),

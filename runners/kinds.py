@@ -57,9 +57,9 @@ def runner_kind(location: Union[Path, str]) -> str:
     """The kind of runner a fetched artifact asks for, from its MLflow flavors (or its absence)."""
     if isinstance(location, str) or not (location / "MLmodel").is_file():
         return "text-classification"  # a hub id or a Hugging Face directory
-    from runners.runner import _read_mlmodel
+    from runners.forms import read_mlmodel
 
-    flavors = _read_mlmodel(location)["flavors"]
+    flavors = read_mlmodel(location)["flavors"]
     if "transformers" in flavors or "pytorch" in flavors:
         return "text-classification"
     if "python_function" in flavors:

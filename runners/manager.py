@@ -52,7 +52,9 @@ class ServedModel:
     def identity(self) -> dict[str, Any]:
         """What every classify response carries: which model version made the predictions."""
         record = self.record
-        return {"name": record.name, "version": record.version, "source": record.source, "uri": record.location}
+        execution = getattr(self.runner, "execution", "eager")  # set once at load; only an accelerated runner says so
+        return {"name": record.name, "version": record.version, "source": record.source, "uri": record.location,
+                **({} if execution == "eager" else {"execution": execution})}
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -58,13 +58,13 @@ class PyfuncRunner:
         """Fetch (unless given), check the pickle rule, load with `mlflow.pyfunc`, warm up."""
         if self.ready:
             return
-        from runners.runner import _read_mlmodel
+        from runners.forms import read_mlmodel
 
         start = time.perf_counter()
         location = self._location if self._location is not None else self.store.fetch(self.record)
         if isinstance(location, str) or not (location / "MLmodel").is_file():
             raise ArtifactError(str(location), "not an MLflow model (no MLmodel file)")
-        flavors = _read_mlmodel(location)["flavors"]
+        flavors = read_mlmodel(location)["flavors"]
         if "python_function" not in flavors:
             raise ArtifactError(str(location), f"no python_function flavor (found {', '.join(sorted(flavors))})")
         if unpickles(flavors) and not (self.record.sha256 or self.settings.allow_pickle):

@@ -26,14 +26,20 @@ from registry.errors import ArtifactError
 from registry.record import ModelRecord
 from registry.settings import RegistrySettings
 from runners.artifacts import ArtifactStore
+from runners.forms import (  # noqa: F401 - the forms are part of this module's API
+    FORM_HUGGINGFACE,
+    FORM_PICKLE,
+    FORM_PT2,
+    FORM_TRANSFORMERS,
+    detect_form,
+    extra_files_dir,
+    labels_from,
+    read_mlmodel,
+)
 from runners.pt2 import check_pickle_free, import_pytree_types, input_shape, logits_of, static_batch_forward
 
 logger = logging.getLogger(__name__)
 
-FORM_TRANSFORMERS = "mlflow-transformers"
-FORM_PICKLE = "mlflow-pytorch-pickle"
-FORM_PT2 = "mlflow-pytorch-pt2"
-FORM_HUGGINGFACE = "huggingface"
 
 #: Longest input handed to a model, whatever its tokenizer claims.
 MAX_LENGTH_CAP = 512
@@ -54,6 +60,7 @@ class _LoadedModel:
     labels: tuple[str, ...]
     max_length: int
     pad_to_max_length: bool = False
+    module: Optional[torch.nn.Module] = None  # the eager torch module, when there is one (REGISTRY_ACCELERATE)
 
 
 def length_groups(lengths: Sequence[int], max_size: int, spread: float = 1.5, slack: int = 8) -> list[list[int]]:
@@ -68,64 +75,9 @@ def length_groups(lengths: Sequence[int], max_size: int, spread: float = 1.5, sl
     return groups
 
 
-def _read_mlmodel(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load((path / "MLmodel").read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ArtifactError(str(path), f"unreadable MLmodel file: {exc}") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("flavors"), dict):
-        raise ArtifactError(str(path), "MLmodel file has no flavors")
-    return data
-
-
-def detect_form(location: Union[Path, str]) -> str:
-    """Which of the supported artifact forms a fetched location holds."""
-    if isinstance(location, str):
-        return FORM_HUGGINGFACE  # a hub id
-    if (location / "MLmodel").is_file():
-        flavors = _read_mlmodel(location)["flavors"]
-        if "transformers" in flavors:
-            return FORM_TRANSFORMERS
-        if "pytorch" in flavors:
-            data = location / str(flavors["pytorch"].get("model_data", "data"))
-            if (data / "model.pt2").is_file():
-                return FORM_PT2
-            if (data / "model.pth").is_file():
-                return FORM_PICKLE
-            raise ArtifactError(str(location), f"pytorch flavor without {data.name}/model.pt2 or {data.name}/model.pth")
-        raise ArtifactError(str(location), f"no supported MLflow flavor (found {', '.join(sorted(flavors))}; need transformers or pytorch)")
-    if (location / "config.json").is_file():
-        return FORM_HUGGINGFACE
-    raise ArtifactError(str(location), "neither an MLflow model (no MLmodel file) nor a Hugging Face directory (no config.json)")
-
-
-def _labels(id2label: Mapping[Any, str], where: str) -> tuple[str, ...]:
-    try:
-        by_index = {int(k): str(v) for k, v in id2label.items()}
-    except (TypeError, ValueError) as exc:
-        raise ArtifactError(where, f"id2label keys must be integers: {exc}") from exc
-    if not by_index or sorted(by_index) != list(range(len(by_index))):
-        raise ArtifactError(where, f"id2label must number labels 0..n-1, got {sorted(by_index)}")
-    return tuple(by_index[i] for i in range(len(by_index)))
-
-
 def _max_length(tokenizer: Any) -> int:
     # Tokenizers without a limit report a huge sentinel (int(1e30)).
     return min(int(getattr(tokenizer, "model_max_length", MAX_LENGTH_CAP) or MAX_LENGTH_CAP), MAX_LENGTH_CAP)
-
-
-def _extra_files_dir(path: Path, flavor: Mapping[str, Any]) -> Path:
-    """The folder of the tokenizer files and config.json logged with `extra_files`."""
-    entries = flavor.get("extra_files") or []
-    folders = {Path(e["path"]).parent for e in entries if isinstance(e, Mapping) and "path" in e}
-    if len(folders) != 1:
-        raise ArtifactError(str(path), "pytorch flavor must carry its tokenizer and config.json as extra_files in one folder")
-    folder = path / folders.pop()
-    if not (folder / "config.json").is_file():
-        raise ArtifactError(str(path), f"extra files in {folder.name}/ hold no config.json (needed for the labels)")
-    return folder
 
 
 def _sequence_classifier(source: Union[Path, str], device: torch.device) -> Any:
@@ -161,6 +113,9 @@ class TextClassificationRunner:
         self.loaded_at: Optional[str] = None
         self.load_seconds: Optional[float] = None
         self._model: Optional[_LoadedModel] = None
+        #: How forward passes run: "eager", or the acceleration that passed its parity check ("int8").
+        self.execution = "eager"
+        self.accelerate_info: Optional[dict[str, Any]] = None
 
     @property
     def _tag(self) -> str:
@@ -201,6 +156,7 @@ class TextClassificationRunner:
             self.close()
             self.form = None
             raise ArtifactError(str(location), f"warm-up prediction as {form} failed: {type(exc).__name__}: {exc}") from exc
+        self._accelerate(model)
         self.load_seconds = round(time.perf_counter() - start, 3)
         self.loaded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.ready = True
@@ -264,6 +220,8 @@ class TextClassificationRunner:
             "sha256": self.record.sha256,
             "labels": list(self._model.labels) if self._model else [],
             "ready": self.ready,
+            "execution": self.execution,
+            **({"accelerate": self.accelerate_info} if self.accelerate_info else {}),
         }
 
     def close(self) -> None:
@@ -283,6 +241,38 @@ class TextClassificationRunner:
         if tuple(logits.shape) != expected:
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {expected[0]} texts and {expected[1]} labels")
 
+    def _accelerate(self, model: _LoadedModel) -> None:
+        """`REGISTRY_ACCELERATE`: swap in the accelerated forward pass when it agrees with the eager one.
+
+        Parity texts: the model's gate set when configured, else the warm-up texts. Refused: the
+        eager model serves, and `describe()` says why.
+        """
+        from runners import accelerate
+
+        requested = (getattr(self.settings, "accelerate", "") or "").strip().lower()
+        self.execution, self.accelerate_info = "eager", None
+        if requested in accelerate.EAGER:
+            return
+        gate = self.settings.gate.get(self.record.name)
+        texts, source = accelerate.parity_texts(gate.path if gate is not None else None, _WARMUP_TEXTS)
+        step = self.settings.forward_batch_size
+        batches = [{k: v.to(self.device) for k, v in self.tokenize(texts[i:i + step]).items()} for i in range(0, len(texts), step)]
+        max_diff = float(getattr(self.settings, "accelerate_max_diff", 0.05))
+        started = time.perf_counter()
+        try:
+            forward, parity = accelerate.accelerate(requested, model.module, model.forward, _module_forward, batches, source, max_diff)
+        except accelerate.AccelerationRefused as exc:
+            self.accelerate_info = {"requested": requested, "refused": str(exc)}
+            logger.warning("%s %s v%s: %s refused, eager serves: %s", self._tag, self.record.name, self.record.version, requested, exc)
+            return
+        # The eager module is dropped with the old _LoadedModel: only the accelerated one stays in memory.
+        self._model = _LoadedModel(model.tokenizer, forward, model.labels, model.max_length, model.pad_to_max_length, None)
+        self.execution = requested
+        self.accelerate_info = {"requested": requested, "parity": parity.to_dict(), "max_diff": max_diff,
+                                "seconds": round(time.perf_counter() - started, 3)}
+        logger.info("%s %s v%s runs %s (parity on %s: max probability difference %.4f)", self._tag, self.record.name,
+                    self.record.version, requested, parity.source, parity.max_diff)
+
     def _require(self) -> _LoadedModel:
         if self._model is None:
             raise RuntimeError(f"model {self.record.name} v{self.record.version} is not loaded: call load() first")
@@ -293,7 +283,7 @@ class TextClassificationRunner:
     def _load_mlflow_transformers(self, path: Path) -> _LoadedModel:
         from transformers import AutoTokenizer
 
-        flavor = _read_mlmodel(path)["flavors"]["transformers"]
+        flavor = read_mlmodel(path)["flavors"]["transformers"]
         task = flavor.get("task")
         if task not in _CLASSIFICATION_TASKS:
             raise ArtifactError(str(path), f"transformers flavor for task {task!r}, not text-classification")
@@ -304,7 +294,7 @@ class TextClassificationRunner:
             raise ArtifactError(str(path), "transformers flavor saved without its tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(path / "components" / "tokenizer")
         model = _sequence_classifier(model_dir, self.device)
-        return self._transformers_model(tokenizer, model, _labels(model.config.id2label, str(path)))
+        return self._transformers_model(tokenizer, model, labels_from(model.config.id2label, str(path)))
 
     def _load_pytorch_pickle(self, path: Path) -> _LoadedModel:
         from transformers import AutoTokenizer
@@ -315,8 +305,8 @@ class TextClassificationRunner:
                 "pickle-format artifact runs code when loaded, and the record has no sha256 to verify it against "
                 "(publish it with a digest, or set REGISTRY_ALLOW_PICKLE=true to trust it)",
             )
-        flavor = _read_mlmodel(path)["flavors"]["pytorch"]
-        extra = _extra_files_dir(path, flavor)
+        flavor = read_mlmodel(path)["flavors"]["pytorch"]
+        extra = extra_files_dir(path, flavor)
         model_file = path / str(flavor.get("model_data", "data")) / "model.pth"
         module = torch.load(model_file, map_location=self.device, weights_only=False)
         if not isinstance(module, torch.nn.Module):
@@ -324,14 +314,14 @@ class TextClassificationRunner:
         config = getattr(module, "config", None)
         id2label = config.id2label if config is not None else json.loads((extra / "config.json").read_text()).get("id2label") or {}
         tokenizer = AutoTokenizer.from_pretrained(extra)
-        return self._transformers_model(tokenizer, module.to(self.device).eval(), _labels(id2label, str(path)))
+        return self._transformers_model(tokenizer, module.to(self.device).eval(), labels_from(id2label, str(path)))
 
     def _load_pytorch_pt2(self, path: Path) -> _LoadedModel:
         from torch.export.passes import move_to_device_pass
         from transformers import AutoTokenizer
 
-        flavor = _read_mlmodel(path)["flavors"]["pytorch"]
-        extra = _extra_files_dir(path, flavor)
+        flavor = read_mlmodel(path)["flavors"]["pytorch"]
+        extra = extra_files_dir(path, flavor)
         model_file = path / str(flavor.get("model_data", "data")) / "model.pt2"
         if not (self.record.sha256 or self.settings.allow_pickle):
             check_pickle_free(model_file)
@@ -343,7 +333,7 @@ class TextClassificationRunner:
         # An exported program is already in eval mode; its module() refuses .eval().
         module = program.module()
         tokenizer = AutoTokenizer.from_pretrained(extra)
-        labels = _labels(json.loads((extra / "config.json").read_text()).get("id2label") or {}, str(path))
+        labels = labels_from(json.loads((extra / "config.json").read_text()).get("id2label") or {}, str(path))
         if seq is not None:
             max_length, pad_to_max = seq, True  # a static sequence dim takes exactly that length
         else:
@@ -360,9 +350,15 @@ class TextClassificationRunner:
 
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = _sequence_classifier(location, self.device)
-        return self._transformers_model(tokenizer, model, _labels(model.config.id2label, str(location)))
+        return self._transformers_model(tokenizer, model, labels_from(model.config.id2label, str(location)))
 
     @staticmethod
     def _transformers_model(tokenizer: Any, model: Any, labels: tuple[str, ...]) -> _LoadedModel:
-        return _LoadedModel(tokenizer, lambda enc: logits_of(model(**enc)), labels, _max_length(tokenizer))
+        return _LoadedModel(tokenizer, _module_forward(model), labels, _max_length(tokenizer),
+                            module=model if isinstance(model, torch.nn.Module) else None)
+
+
+def _module_forward(model: Any) -> Callable[[Encoded], torch.Tensor]:
+    """The forward pass of a transformers-style module called with the tokenizer's keyword tensors."""
+    return lambda enc: logits_of(model(**enc))
 

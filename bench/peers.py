@@ -1,0 +1,137 @@
+"""Peers serving the same demo artifact, measured with the same load generator: a plain BentoML
+`@bentoml.api(batchable=True)` service (bench/peer_bentoml.py) and MLServer 1.7 with its Hugging Face
+runtime and adaptive batching, from its own virtual environment under `data/` (its pins conflict with
+this project's: transformers 4.41, tokenizers 0.19).
+
+`python -m bench.peers --build-mlserver` builds that environment (a few minutes, once); a run without
+it reports MLServer as not measured and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import httpx
+
+from bench.lab import REPO, Lab
+from tests.servers import QUIET_ENV, VENV_BIN, ManagedServer, free_port, http_ok
+
+MLSERVER_VENV = REPO / "data" / "mlserver-venv"
+#: What was measured to work: torch first (the CPU wheel), then MLServer with transformers it supports.
+MLSERVER_PINS = (["torch==2.13.0"], ["mlserver==1.7.1", "mlserver-huggingface==1.7.1", "transformers==4.41.2",
+                                      "tokenizers==0.19.1", "uvloop<0.22"])
+#: MLServer's best configuration here (measured before): one process, one intra-op thread, batches of 8 within 10 ms.
+MLSERVER_MAX_BATCH, MLSERVER_MAX_BATCH_TIME = 8, 0.01
+
+
+@dataclass
+class Peer:
+    """A started server and how to talk to it."""
+
+    name: str
+    server: ManagedServer
+    path: str
+    body: Callable[[str], bytes]  # one text -> request body
+    label: Callable[[Any], str]  # parsed JSON answer to one text -> its label
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def labels(self, texts: list[str]) -> list[str]:
+        with httpx.Client(base_url=self.url, timeout=120) as client:
+            out = []
+            for text in texts:
+                response = client.post(self.path, content=self.body(text), headers={"Content-Type": "application/json"})
+                response.raise_for_status()
+                out.append(self.label(response.json()))
+            return out
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def artifact_dirs(lab: Lab) -> tuple[Path, Path]:
+    """(weights dir, tokenizer dir) of the demo model's version 1 in the warm artifact cache."""
+    import yaml
+
+    from runners.artifacts import ArtifactStore
+
+    demo = lab.demo()
+    path = Path(ArtifactStore(demo.settings()).fetch(demo.records["1"]))
+    flavor = yaml.safe_load((path / "MLmodel").read_text())["flavors"]["transformers"]
+    return path / str(flavor.get("model_binary", "model")), path / "components" / "tokenizer"
+
+
+def bentoml_batchable(lab: Lab, max_batch: int = 8, threads: int = 1) -> Peer:
+    model_dir, tokenizer_dir = artifact_dirs(lab)
+    port = free_port()
+    env = {**QUIET_ENV, "BENCH_MODEL_DIR": str(model_dir), "BENCH_TOKENIZER_DIR": str(tokenizer_dir),
+           "BENCH_MAX_BATCH": str(max_batch), "BENCH_TORCH_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "BENTOML_HOME": str(lab.log_dir / "bentoml-home-peer")}
+    argv = [str(VENV_BIN / "bentoml"), "serve", "bench.peer_bentoml:PlainClassifier", "--port", str(port), "--host", "127.0.0.1"]
+    server = ManagedServer("bentoml-batchable", argv, port, lab.log_dir, env=env, cwd=REPO,
+                           ready=http_ok(f"http://127.0.0.1:{port}/readyz"), start_timeout=240)
+    lab.own(server).start()
+    return Peer("bentoml-batchable", server, "/classify", lambda t: json.dumps({"texts": [t]}).encode(),
+                lambda answer: answer[0]["label"])
+
+
+def mlserver_ready() -> Optional[str]:
+    """None when MLServer's environment is built, else why not."""
+    binary = MLSERVER_VENV / "bin" / "mlserver"
+    if not binary.exists():
+        return f"no MLServer environment at {MLSERVER_VENV.relative_to(REPO)} (build it: python -m bench.peers --build-mlserver)"
+    return None
+
+
+def build_mlserver() -> None:
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(MLSERVER_VENV)], check=True)
+    for pins in MLSERVER_PINS:
+        subprocess.run([str(MLSERVER_VENV / "bin" / "pip"), "install", "-q", *pins], check=True)
+
+
+def mlserver(lab: Lab, threads: int = 1) -> Peer:
+    model_dir, tokenizer_dir = artifact_dirs(lab)
+    root = lab.run_dir / "mlserver"
+    (root / "clf").mkdir(parents=True, exist_ok=True)
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    (root / "settings.json").write_text(json.dumps({
+        "http_port": port, "grpc_port": grpc_port, "metrics_port": metrics_port, "host": "127.0.0.1",
+        "parallel_workers": 0, "debug": False, "metrics_endpoint": None,
+    }))
+    (root / "clf" / "model-settings.json").write_text(json.dumps({
+        "name": "clf", "implementation": "bench.mlserver_runtime.PaddedHuggingFaceRuntime",
+        "max_batch_size": MLSERVER_MAX_BATCH, "max_batch_time": MLSERVER_MAX_BATCH_TIME,
+        "parameters": {"extra": {"task": "text-classification", "pretrained_model": str(model_dir),
+                                 "pretrained_tokenizer": str(tokenizer_dir), "device": -1,
+                                 "intra_op_threads": threads}},
+    }))
+    env = {**QUIET_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO), "PATH": f"{MLSERVER_VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    argv = [str(MLSERVER_VENV / "bin" / "mlserver"), "start", str(root)]
+    server = ManagedServer("mlserver", argv, port, lab.log_dir, env=env, cwd=root,
+                           ready=http_ok(f"http://127.0.0.1:{port}/v2/models/clf/ready"), start_timeout=240)
+    lab.own(server).start()
+
+    def body(text: str) -> bytes:
+        return json.dumps({"inputs": [{"name": "array_inputs", "shape": [1], "datatype": "BYTES", "data": [text]}]}).encode()
+
+    def label(answer: Any) -> str:
+        data = answer["outputs"][0]["data"][0]
+        value = json.loads(data) if isinstance(data, str) else data
+        return (value[0] if isinstance(value, list) else value)["label"]
+
+    return Peer("mlserver", server, "/v2/models/clf/infer", body, label)
+
+
+if __name__ == "__main__":
+    if "--build-mlserver" in sys.argv:
+        build_mlserver()
+        print(mlserver_ready() or f"MLServer environment ready at {MLSERVER_VENV}")
