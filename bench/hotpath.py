@@ -198,9 +198,11 @@ def run(lab: Lab, quick: bool) -> AreaReport:
     with ThreadPoolExecutor(max_workers=3 + len(starts)) as pool:
         f_svc = pool.submit(lab.service)
         f_int8 = pool.submit(lab.service, REGISTRY_ACCELERATE="int8")
+        f_svc2 = pool.submit(lab.service, workers=2)  # both cores, one torch thread each
         f_mls = pool.submit(timed, lab.mlflow_models_serve)
         f_peers = {name: pool.submit(start) for name, start in starts.items()}
         (svc, ready_s), (int8, int8_ready_s), (mls, mls_start_s) = f_svc.result(), f_int8.result(), f_mls.result()
+        svc2, _ = f_svc2.result()
         peers: dict[str, Any] = {}
         for name, fut in f_peers.items():
             try:
@@ -230,6 +232,8 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         service_bodies = [json.dumps({"texts": [t]}).encode() for t in texts]
         subjects["service"] = (svc.url, "/classify", service_bodies)
         subjects["service-int8"] = (int8.url, "/classify", service_bodies)
+        subjects["service-2-workers"] = (svc2.url, "/classify", service_bodies)
+        labels["service-2-workers"] = [p["label"] for p in svc2.classify(texts).json()["predictions"]]
         subjects["mlflow"] = (mls.url, "/invocations", [json.dumps({"inputs": [t]}).encode() for t in texts])
         for name, peer in peers.items():
             subjects[name] = (peer.url, peer.path, [peer.body(t) for t in texts])
@@ -246,12 +250,12 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         # and a ceiling measured only before the servers started could be lower than what the service then reached.
         top = sorted(runs.values(), key=lambda r: r["texts_per_s"], reverse=True)[:3]
         raw_ceiling(lab, texts, raw_s, 1, configs=[(r["threads"], r["batch"], r["mode"]) for r in top], raw=raw["model"], results=runs)
-        for name, proc in (("service", svc.proc), ("service-int8", int8.proc), ("mlflow", mls.proc),
+        for name, proc in (("service", svc.proc), ("service-int8", int8.proc), ("service-2-workers", svc2.proc), ("mlflow", mls.proc),
                            *((n, p.server.proc) for n, p in peers.items())):
             rss[name] = rss_mib(proc.pid) if proc else None
         profile = profile_service(svc, service_bodies, 32, profile_s)
     finally:
-        for server in (svc, int8, mls, *peers.values()):
+        for server in (svc, int8, svc2, mls, *peers.values()):
             server.stop()
 
     ceiling, raw_2t, raw_1t = best(runs), best(runs, 2), best(runs, 1)
@@ -284,6 +288,10 @@ def run(lab: Lab, quick: bool) -> AreaReport:
     report.add("service vs honest raw ceiling, 32 clients", s32.rps, "req/s", "raw ceiling (any batching, 1-2 threads)",
                ceiling["texts_per_s"], key="svc_vs_ceiling_32")
     report.add("service p99 vs p50, 32 clients", s32.p99_ms, "ms", "service p50", s32.p50_ms, key="svc_p99_over_p50_32")
+    w2 = results["service-2-workers"][32]
+    report.add("service, REGISTRY_WORKERS=2, vs honest raw ceiling, 32 clients", w2.rps, "req/s", "raw ceiling (any batching, 1-2 threads)",
+               ceiling["texts_per_s"], key="svc2w_vs_ceiling_32",
+               note=f"p50 {w2.p50_ms or 0:.0f} ms, p99 {w2.p99_ms or 0:.0f} ms, non-200 {w2.bad}; RSS {rss.get('service-2-workers')} MiB")
     for c in LEVELS:
         a = results["service-int8"][c]
         report.add(f"REGISTRY_ACCELERATE=int8 throughput, {c} clients", a.rps, "req/s", "service, eager", service[c].rps,
