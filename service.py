@@ -16,11 +16,11 @@ from typing import Any, Optional
 
 import bentoml
 
-from pydantic import BaseModel, Field, StrictStr, ValidationError
+from pydantic import BaseModel, Field, StrictStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from registry.errors import ModelNotLoaded, SettingsError, UnknownModel
-from registry.settings import ENV_PREFIX, RegistrySettings
+from registry.errors import ModelNotLoaded, UnknownModel
+from registry.settings import ENV_PREFIX, RegistrySettings, load_settings
 from runners.admin import error, registry_admin
 from runners.host import ModelHost
 
@@ -40,11 +40,7 @@ class ClassifierLimits(BaseSettings):
 
     @classmethod
     def from_env(cls) -> "ClassifierLimits":
-        try:
-            return cls()
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise SettingsError(ENV_PREFIX + str(err["loc"][0]).upper(), err.get("input"), err["msg"]) from exc
+        return load_settings(cls)
 
 
 class ClassifyRequest(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -16,14 +16,34 @@ ENV_PREFIX = "REGISTRY_"
 
 
 _SECRETS = frozenset({"admin_token", "signing_key", "webhook_secret"})
-_URL_PASSWORD_RE = re.compile(r"(://[^/@:]*:)[^/@]*@")
+#: Fields whose environment variable is not REGISTRY_<FIELD>.
+_VARIABLES = {"mlflow_tracking_uri": "MLFLOW_TRACKING_URI", "max_batch_size": "REGISTRY_FORWARD_BATCH_SIZE",
+              "batch_window": "REGISTRY_BATCH_MAX_TEXTS"}
+_S = TypeVar("_S", bound=BaseSettings)
 
 
 def _shown(field: str, value: Any) -> Any:
     """A rejected value as an error may show it: secrets hidden, passwords in URLs too."""
     if field.lower() in _SECRETS:
         return "***"
-    return _URL_PASSWORD_RE.sub(r"\1***@", value) if isinstance(value, str) else value
+    if isinstance(value, str) and "://" in value:
+        from registry.redis_client import redacted
+
+        return redacted(value)
+    return value
+
+
+def load_settings(cls: type[_S], **overrides: Any) -> _S:
+    """Build a settings class (prefix REGISTRY_) from the environment; a bad value raises
+    SettingsError naming the variable, with secrets and URL passwords hidden."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        # an environment alias already names the variable
+        variable = field if field.isupper() else _VARIABLES.get(field, ENV_PREFIX + field.upper())
+        raise SettingsError(variable, _shown(field, err.get("input")), err["msg"]) from exc
 
 
 def _split_csv(value: Any) -> Any:
@@ -236,17 +256,7 @@ class RegistrySettings(BaseSettings):
     @classmethod
     def from_env(cls, **overrides: Any) -> "RegistrySettings":
         """Build settings from the environment; a bad value raises SettingsError naming the variable."""
-        try:
-            return cls(**overrides)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            shown = _shown(field, err.get("input"))
-            if field.isupper():  # an environment alias already names the variable
-                raise SettingsError(field, shown, err["msg"]) from exc
-            variable = {"mlflow_tracking_uri": "MLFLOW_TRACKING_URI", "max_batch_size": "REGISTRY_FORWARD_BATCH_SIZE",
-                        "batch_window": "REGISTRY_BATCH_MAX_TEXTS"}.get(field, ENV_PREFIX + field.upper())
-            raise SettingsError(variable, shown, err["msg"]) from exc
+        return load_settings(cls, **overrides)
 
     def registered_name(self, model: str) -> str:
         return f"{self.mlflow_prefix}{model}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,15 +53,19 @@ async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
     return error(exc.status_code, str(exc.detail))
 
 
-async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's own handler echoes the input back, which fails for lone surrogates, NaN or raw
-    # bytes (a 500); name the field and the problem only, in ASCII.
+def _problems(errors: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """A 400 body naming the field and the problem, in ASCII, without echoing the input (which
+    fails for lone surrogates, NaN or raw bytes: FastAPI's own handler answers 500 then)."""
     problems = [{"loc": [_clean(part) for part in e.get("loc", ())], "msg": _clean(e.get("msg", "")), "type": _clean(e.get("type", ""))}
-                for e in exc.errors()]
+                for e in errors]
     first = problems[0] if problems else {"loc": [], "msg": "invalid request"}
-    logger.info("[HYBRID] invalid admin request body: %s", first["msg"])
-    return JSONResponse({"error": f"invalid request body at {'.'.join(first['loc']) or 'body'}: {first['msg']}", "detail": problems},
-                        status_code=400)
+    return {"error": f"invalid request body at {'.'.join(first['loc']) or 'body'}: {first['msg']}", "detail": problems}
+
+
+async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+    body = _problems(exc.errors())
+    logger.info("[HYBRID] invalid admin request body: %s", body["error"])
+    return JSONResponse(body, status_code=400)
 
 
 def _host_for(model: Optional[str] = None) -> ModelHost:
@@ -221,10 +225,7 @@ def _schema_problem(schema: type[BaseModel], body: bytes) -> Optional[dict[str, 
     try:
         schema.model_validate_json(body)
     except ValidationError as exc:
-        problems = [{"loc": [_clean(p) for p in e.get("loc", ())], "msg": _clean(e.get("msg", "")), "type": _clean(e.get("type", ""))}
-                    for e in exc.errors(include_url=False, include_input=False)]
-        first = problems[0] if problems else {"loc": [], "msg": "invalid request"}
-        return {"error": f"invalid request body at {'.'.join(first['loc']) or 'body'}: {first['msg']}", "detail": problems}
+        return _problems(exc.errors(include_url=False, include_input=False))
     except (ValueError, RecursionError) as exc:
         return {"error": f"invalid request body: {_clean(exc)[:200]}"}
     return None
