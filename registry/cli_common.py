@@ -19,9 +19,8 @@ from typing import Any, Callable, Iterator, Optional, TextIO
 
 import click
 
-from registry.errors import (ModelNotResolvable, PublishError, RegistryError, SelectorError, SettingsError,
-                             SourceUnavailable)
-from registry.settings import MODEL_NAME_RE, RegistrySettings
+from registry.errors import PublishError, RegistryError, SelectorError, SettingsError
+from registry.settings import RegistrySettings, check_model_names
 
 OK, UNHEALTHY, USAGE = 0, 1, 2
 
@@ -54,10 +53,10 @@ def load_settings() -> RegistrySettings:
 
 
 def check_names(names: tuple[str, ...] | list[str]) -> list[str]:
-    for name in names:
-        if not MODEL_NAME_RE.fullmatch(name):
-            raise click.BadParameter(f"{name!r}: a model name holds only ASCII letters, digits, '_', '.' and '-'")
-    return list(names)
+    try:
+        return check_model_names(list(names))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def exit_code_of(exc: BaseException) -> int:
@@ -71,9 +70,7 @@ def exit_code_of(exc: BaseException) -> int:
         if getattr(cause, "error_code", None) in _CALLER_ERRORS:
             return USAGE
         return UNHEALTHY
-    if isinstance(exc, (SourceUnavailable, ModelNotResolvable)):
-        return UNHEALTHY
-    return UNHEALTHY
+    return UNHEALTHY  # the registry could not be asked, had nothing, or answered garbage
 
 
 @contextlib.contextmanager

@@ -122,20 +122,16 @@ class ReloadBus(abc.ABC):
         belongs to, and which models it has loaded (the pretrained fallback included)."""
 
     @abc.abstractmethod
-    def _live(self) -> dict[str, dict[str, Any]]:
+    def beats(self) -> dict[str, dict[str, Any]]:
         """Heartbeats younger than HEARTBEAT_TTL, by worker: {"at", "serving"}."""
 
     def live_workers(self) -> list[str]:
         """Workers that heartbeated within HEARTBEAT_TTL."""
-        return sorted(self._live())
-
-    def beats(self) -> dict[str, dict[str, Any]]:
-        """The live heartbeats by worker: {"at", "serving", "replica", "loaded"}."""
-        return self._live()
+        return sorted(self.beats())
 
     def serving(self) -> dict[str, dict[str, str]]:
         """What each live worker (of every replica on this bus) serves: worker -> model -> version."""
-        return {worker: dict(beat.get("serving") or {}) for worker, beat in sorted(self._live().items())}
+        return {worker: dict(beat.get("serving") or {}) for worker, beat in sorted(self.beats().items())}
 
     def close(self) -> None:
         """Release connections."""
@@ -252,7 +248,7 @@ class RedisReloadBus(ReloadBus):
         self._call(self.client.hset, f"{self.prefix}:workers", worker,
                    json.dumps({"at": time.time(), "serving": serving or {}, "replica": replica, "loaded": loaded or []}))
 
-    def _live(self) -> dict[str, dict[str, Any]]:
+    def beats(self) -> dict[str, dict[str, Any]]:
         now = time.time()
         raw = self._call(self.client.hgetall, f"{self.prefix}:workers")
         live, dead = {}, []
@@ -271,19 +267,20 @@ class RedisReloadBus(ReloadBus):
         self.client.close()
 
 
-def _beat(raw: bytes) -> Optional[dict[str, Any]]:
-    """A heartbeat value: JSON {"at", "serving"}, or a bare timestamp (older workers)."""
+def _beat(raw: bytes | str) -> Optional[dict[str, Any]]:
+    """A heartbeat, as both buses store it: JSON {"at", "serving", "replica", "loaded"} (the local
+    bus adds "worker"), or a bare timestamp (older workers). None when unreadable."""
     try:
         data = json.loads(raw)
     except ValueError:
         return None
-    if isinstance(data, (int, float)):
-        return {"at": float(data), "serving": {}}
-    if isinstance(data, dict) and isinstance(data.get("at"), (int, float)):
-        serving = data.get("serving")
-        return {"at": float(data["at"]), "serving": serving if isinstance(serving, dict) else {}, "replica": data.get("replica"),
-                "loaded": data.get("loaded") if isinstance(data.get("loaded"), list) else []}
-    return None
+    if isinstance(data, (int, float)) and not isinstance(data, bool):
+        data = {"at": data}
+    if not (isinstance(data, dict) and isinstance(data.get("at"), (int, float))):
+        return None
+    serving, loaded = data.get("serving"), data.get("loaded")
+    return {"at": float(data["at"]), "serving": serving if isinstance(serving, dict) else {}, "replica": data.get("replica"),
+            "loaded": loaded if isinstance(loaded, list) else [], "worker": data.get("worker")}
 
 
 def _file_safe(worker: str) -> str:

@@ -21,6 +21,7 @@ from registry.coordination import (
     ReloadOrder,
     LOG_LENGTH,
     HEARTBEAT_TTL,
+    _beat,
     _file_safe,
     worker_id,
 )
@@ -140,16 +141,15 @@ class FileReloadBus(ReloadBus):
                           "loaded": loaded or []})
 
     @_local_io
-    def _live(self) -> dict[str, dict[str, Any]]:
+    def beats(self) -> dict[str, dict[str, Any]]:
         self._require_dir()
         now = time.time()
         live = {}
         for path in self.dir.glob("worker-*.json"):
-            with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
-                data = json.loads(path.read_text())
-                if now - float(data["at"]) <= HEARTBEAT_TTL:
-                    live[str(data["worker"])] = {"at": float(data["at"]), "serving": data.get("serving") or {},
-                                                 "replica": data.get("replica"), "loaded": data.get("loaded") or []}
+            with contextlib.suppress(FileNotFoundError):
+                beat = _beat(path.read_bytes())
+                if beat is not None and beat["worker"] and now - beat["at"] <= HEARTBEAT_TTL:
+                    live[str(beat["worker"])] = beat
                 else:
                     path.unlink(missing_ok=True)
         return live

@@ -33,6 +33,16 @@ def _shown(field: str, value: Any) -> Any:
     return value
 
 
+def check_model_names(names: list[str]) -> list[str]:
+    """Model names as MLflow and the artifact cache can hold them; raises ValueError naming the first bad one."""
+    for name in names:
+        if not MODEL_NAME_RE.fullmatch(name):
+            raise ValueError(f"model name {name!r} may hold only ASCII letters, digits, '_', '.' and '-'")
+    if len(set(names)) != len(names):
+        raise ValueError("a model name is listed twice")
+    return names
+
+
 def load_settings(cls: type[_S], **overrides: Any) -> _S:
     """Build a settings class (prefix REGISTRY_) from the environment; a bad value raises
     SettingsError naming the variable, with secrets and URL passwords hidden."""
@@ -230,13 +240,7 @@ class RegistrySettings(BaseSettings):
     @field_validator("models")
     @classmethod
     def _model_names(cls, value: list[str]) -> list[str]:
-        # A name becomes part of an MLflow registered-model name and a cache directory.
-        for name in value:
-            if not MODEL_NAME_RE.fullmatch(name):
-                raise ValueError(f"model name {name!r} may hold only ASCII letters, digits, '_', '.' and '-'")
-        if len(set(value)) != len(value):
-            raise ValueError("a model name is listed twice")
-        return value
+        return check_model_names(value)
 
     @field_validator("fallback_models", "gate", mode="before")
     @classmethod

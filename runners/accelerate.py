@@ -12,7 +12,6 @@ that fails (or the model cannot be accelerated), the eager model serves and the 
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -76,21 +75,18 @@ def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=False).eval()
 
 
-def parity_texts(gate_path: Optional[Path], fallback: Sequence[str], limit: int = 256) -> tuple[list[str], str]:
-    """The texts both models must agree on: the gate set's (first `limit`) when readable, else `fallback`."""
-    if gate_path is not None:
+def parity_texts(model: str, gate: Optional[Any], fallback: Sequence[str], limit: int = 256) -> tuple[list[str], str]:
+    """The texts both models must agree on: the model's gate set (first `limit`, read by the gate's own
+    reader) when configured and readable, else `fallback`."""
+    if gate is not None:
+        from registry.errors import SettingsError
+        from runners.gate import GateSet
+
         try:
-            texts = []
-            with open(gate_path, encoding="utf-8") as fh:
-                for line in fh:
-                    if line.strip():
-                        texts.append(str(json.loads(line)["text"]))
-                    if len(texts) >= limit:
-                        break
-            if texts:
-                return texts, f"gate set {gate_path.name} ({len(texts)} texts)"
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("accelerate: gate set %s unreadable (%s); checking parity on the warm-up texts", gate_path, exc)
+            texts = list(GateSet.read(model, gate).texts[:limit])
+            return texts, f"gate set {Path(gate.path).name} ({len(texts)} texts)"
+        except SettingsError as exc:
+            logger.warning("accelerate: %s; checking parity on the warm-up texts", exc)
     return list(fallback), f"warm-up texts ({len(fallback)})"
 
 

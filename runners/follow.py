@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: MLflow's registry events that can change what a selector names.
-EVENTS = frozenset({"model_version.created", "model_version_alias.created", "model_version_alias.deleted"})
-
 #: Delivery ids remembered in this process (besides the bus), to refuse replays while the bus is down.
 _SEEN_LIMIT = 10_000
 
@@ -184,8 +181,8 @@ class Follower:
         prefix = self.settings.mlflow_prefix
         name = event.registered_name[len(prefix):] if event.registered_name.startswith(prefix) else None
         answer = {"delivery_id": event.delivery_id, "event": event.event, "model": name}
-        if event.event not in EVENTS or name not in self.host.manager.names:
-            return 200, {"status": "ignored", **answer, "reason": "not a model this service serves" if event.event in EVENTS else "event not followed"}
+        if not event.known or name not in self.host.manager.names:  # known: the events that can change what a selector names
+            return 200, {"status": "ignored", **answer, "reason": "not a model this service serves" if event.known else "event not followed"}
         if not self.settings.follow:
             return 200, {"status": "ignored", **answer, "reason": "REGISTRY_FOLLOW=false"}
         logger.info("[MLFLOW] webhook %s for %s (version %s, alias %s): reconciling", event.event, name, event.version, event.alias)

@@ -294,14 +294,6 @@ class ModelManager:
                 self.start(name, replica_versions)
         return self.ready()
 
-    def load_until_ready(self, stop: threading.Event, replica_versions: Callable[[str], list[str]] = lambda name: []) -> None:
-        """Background start-up: keep trying until every model is loaded or the service stops."""
-        while not stop.is_set():
-            if self.load_configured(replica_versions):
-                return
-            logger.warning("[HYBRID] not ready: %s; retrying in %.0fs", self.not_ready_reason(), self.settings.retry_interval)
-            stop.wait(self.settings.retry_interval)
-
     def retry_wanted(self) -> None:
         """Try again, with exponential backoff, the versions that could not load at start-up."""
         now = time.monotonic()

@@ -249,15 +249,14 @@ class TextClassificationRunner:
         """
         from runners import accelerate
 
-        requested = (getattr(self.settings, "accelerate", "") or "").strip().lower()
+        requested = (self.settings.accelerate or "").strip().lower()
         self.execution, self.accelerate_info = "eager", None
         if requested in accelerate.EAGER:
             return
-        gate = self.settings.gate.get(self.record.name)
-        texts, source = accelerate.parity_texts(gate.path if gate is not None else None, _WARMUP_TEXTS)
+        texts, source = accelerate.parity_texts(self.record.name, self.settings.gate.get(self.record.name), _WARMUP_TEXTS)
         step = self.settings.forward_batch_size
         batches = [{k: v.to(self.device) for k, v in self.tokenize(texts[i:i + step]).items()} for i in range(0, len(texts), step)]
-        max_diff = float(getattr(self.settings, "accelerate_max_diff", 0.05))
+        max_diff = self.settings.accelerate_max_diff
         started = time.perf_counter()
         try:
             forward, parity = accelerate.accelerate(requested, model.module, model.forward, _module_forward, batches, source, max_diff)
