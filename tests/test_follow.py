@@ -140,8 +140,8 @@ def test_alias_moves_reach_both_replicas_by_webhook_under_load_with_gate_and_rol
 
         publish(settings, model, ["3"])  # says SAFE to every must-catch example
         client.set_registered_model_alias(PREFIX + model, "champion", "3")
-        refused = wait_for(lambda: first.client.get("/models").json()["models"][model].get("candidate"), 60,
-                           "the gate to refuse version 3")
+        refused = wait_for(lambda: (c := first.client.get("/models").json()["models"][model].get("candidate")) and
+                           c["version"] == "3" and c, 60, "the gate to refuse version 3")
         assert refused["version"] == "3" and refused["status"] == "refused" and refused["gate"]["accuracy"] == 0.0, refused
         stop.set()
         for thread in clients:
@@ -159,7 +159,11 @@ def test_alias_moves_reach_both_replicas_by_webhook_under_load_with_gate_and_rol
         assert deliver(first, body, timestamp=time.time() - 301).status_code == 400  # stale
         assert deliver(first, body, timestamp=time.time() + 301).status_code == 400
         replayed = uuid.uuid4().hex
+        accepted_at = time.time()
         assert deliver(first, alias_event(model, "other", "1"), delivery_id=replayed).status_code == 202
+        # The accepted delivery reconciles in the background: wait until it has, then check nothing rolled out.
+        wait_for(lambda: first.client.get("/registry/health").json()["follow"]["last"][model]["at"] >= accepted_at, 60,
+                 "the accepted delivery's reconcile")
         again = deliver(first, alias_event(model, "other", "1"), delivery_id=replayed)
         assert again.status_code == 200 and again.json()["status"] == "duplicate"
         assert deliver(second, alias_event(model, "other", "1"), delivery_id=replayed).json()["status"] == "duplicate"
@@ -188,6 +192,8 @@ def test_lost_event_is_caught_by_the_poll_and_deleted_versions_are_final(tmp_pat
         publish(settings, model, ["2"])  # no webhook, no announcement: only the poll can see it
         for service in (first, second):
             wait_for(lambda s=service: served_version(s) == "2", 60, f"{service.url} to follow the poll to version 2")
+        # Neither a webhook nor the bus told them: the rollout was the poll's (one replica polled, the bus told the other).
+        assert any(f"[HYBRID] poll {model}: version 2" in s.log_path.read_text() for s in (first, second))
 
         MlflowClient(tracking_uri=mlflow_srv.url, registry_uri=mlflow_srv.url).delete_model_version(PREFIX + model, "2")  # MLflow has no event for this
         for service in (first, second):

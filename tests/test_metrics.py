@@ -53,6 +53,7 @@ def test_metrics_move_with_resolutions_reloads_and_a_failing_layer(tmp_path, ser
         assert total(before, "registry_reloads_total", model=model, trigger="startup", outcome="ok") == 2
         assert total(before, "registry_model_load_seconds_count", model=model) == 2
         assert total(before, "registry_cache_writes_total", target="file", outcome="ok") >= 1
+        assert total(before, "registry_circuit_open", layer="training_api") == 0  # one failure per worker: below 2
 
         response = service.reload(model=model, version="1")
         assert response.status_code == 200 and response.json()["workers"]["acknowledged"] == 2, response.text
@@ -65,8 +66,9 @@ def test_metrics_move_with_resolutions_reloads_and_a_failing_layer(tmp_path, ser
         assert total(after, "registry_resolutions_total", model=model, layer="training_api", outcome="unavailable") > \
             total(before, "registry_resolutions_total", model=model, layer="training_api", outcome="unavailable")
 
-        # The failing layer trips its breaker in the worker that resolves: the gauge says so.
-        service.reload(model=model, alias="latest")
+        # The reload's resolutions were each worker's second failure of the training API: its breaker opened.
+        assert total(after, "registry_circuit_open", layer="training_api") == 1
+        assert service.reload(model=model, alias="latest").status_code == 200  # an open layer is skipped, not waited for
         tripped = scrape(service)
         assert total(tripped, "registry_circuit_open", layer="training_api") == 1
         assert total(tripped, "registry_resolutions_total", model=model, layer="mlflow", outcome="hit") > \

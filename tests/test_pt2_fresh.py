@@ -130,11 +130,20 @@ def test_only_transformers_modules_are_imported_from_an_archive(tmp_path: Path, 
 
 
 def test_registered_transformers_type_is_found_in_the_archive(tmp_path: Path) -> None:
-    from torch.utils import _pytree
-
+    # In a fresh interpreter: this process imported transformers' modeling code long ago.
     archive = _archive(tmp_path / "model.pt2", "transformers.modeling_outputs.SequenceClassifierOutput")
-    _import_pt2_pytree_types(archive)
-    assert "transformers.modeling_outputs.SequenceClassifierOutput" in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE
+    probe = (
+        "import sys\n"
+        "from torch.utils import _pytree\n"
+        "from runners.pt2 import import_pytree_types\n"
+        "name = 'transformers.modeling_outputs.SequenceClassifierOutput'\n"
+        "assert 'transformers.modeling_outputs' not in sys.modules and name not in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE\n"
+        f"import_pytree_types({str(archive)!r})\n"
+        "assert name in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE, 'not registered'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_unreadable_archive_is_an_artifact_error(tmp_path: Path) -> None:
