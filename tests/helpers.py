@@ -169,3 +169,61 @@ def tiny_predictions(seed: int, texts: list[str]) -> list[tuple[str, float]]:
     from tests.tiny_models import tiny_classifier
 
     return reference_predictions(*tiny_classifier(seed), texts)
+
+
+class ClassifyLoad:
+    """Client threads classifying without pause against one or more services; every failure is recorded.
+
+    `answers`: version -> (label, score) the first text must get (checked with a tolerance). Counts
+    of answers by version are in `versions` (a Tally; key "ok" counts every 200).
+    """
+
+    def __init__(self, urls: str | list[str], texts: list[str], answers: Optional[dict[str, tuple[str, float]]] = None,
+                 threads: int = 4):
+        urls = [urls] if isinstance(urls, str) else urls
+        self.texts = texts
+        self.answers = answers
+        self.failures: list[str] = []
+        self.versions = Tally()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(urls[i % len(urls)],), daemon=True) for i in range(threads)]
+
+    def _run(self, url: str) -> None:
+        import httpx
+        import pytest
+
+        with httpx.Client(base_url=url, timeout=60) as http:
+            while not self._stop.is_set():
+                try:
+                    response = http.post("/classify", json={"texts": self.texts})
+                    if response.status_code != 200:
+                        self.failures.append(f"HTTP {response.status_code}: {response.text[:200]}")
+                        continue
+                    body = response.json()
+                    version = body["model"]["version"]
+                    if self.answers is not None:
+                        label, score = self.answers[version]
+                        got = body["predictions"][0]
+                        if got["label"] != label or got["score"] != pytest.approx(score, abs=1e-4):
+                            self.failures.append(f"version {version} answered {got}, expected {label} {score}")
+                    self.versions.add("ok")
+                    self.versions.add(version)
+                except Exception as exc:  # a malformed answer is a failure too, not a dead client thread
+                    self.failures.append(repr(exc))
+
+    def wait_answers(self, version: str, more: int = 10, timeout: float = 30) -> None:
+        """Block until the clients got `more` further answers from `version` ("ok": any), or fail."""
+        try:
+            self.versions.wait_more(version, more, timeout, f"{more} more answers from version {version}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; failures: {self.failures[:5]}") from None
+
+    def __enter__(self) -> "ClassifyLoad":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)

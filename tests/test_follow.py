@@ -7,10 +7,8 @@ another left behind.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from registry.payload import ModelSection, RegistryPayload
 from registry.record import ModelRecord
 from registry.signing import PayloadCodec
 from registry.webhook import sign_delivery
-from tests.helpers import publish_tiny, settings_for, wait_for
+from tests.helpers import ClassifyLoad, publish_tiny, settings_for, wait_for
 from tests.service_proc import ADMIN_TOKEN, ServiceProcess
 from training.publisher import Publisher
 
@@ -101,29 +99,12 @@ def test_alias_moves_reach_both_replicas_by_webhook_under_load_with_gate_and_rol
     webhook = client.create_webhook(name=f"follow-{model}", url=f"{first.url}/registry/webhook",
                                     events=["model_version.created", "model_version_alias.created", "model_version_alias.deleted"],
                                     secret=SECRET)
-    failures: list[str] = []
-    answered: Counter = Counter()
-    stop = threading.Event()
-
-    def load(service: ServiceProcess) -> None:
-        with httpx.Client(base_url=service.url, timeout=60) as http:
-            while not stop.is_set():
-                try:
-                    response = http.post("/classify", json={"texts": [PROBE]})
-                    if response.status_code != 200:
-                        failures.append(f"{response.status_code}: {response.text[:200]}")
-                    else:
-                        answered[response.json()["model"]["version"]] += 1
-                except httpx.HTTPError as exc:
-                    failures.append(repr(exc))
-
+    load = ClassifyLoad([first.url, second.url], [PROBE], threads=4)
     try:
         first.wait_ready()
         second.wait_ready()
         assert served_version(first) == served_version(second) == "1"
-        clients = [threading.Thread(target=load, args=(s,), daemon=True) for s in (first, second, first, second)]
-        for thread in clients:
-            thread.start()
+        load.__enter__()
 
         client.set_registered_model_alias(PREFIX + model, "champion", "2")  # MLflow calls the first replica only
         for service in (first, second):
@@ -143,12 +124,10 @@ def test_alias_moves_reach_both_replicas_by_webhook_under_load_with_gate_and_rol
         refused = wait_for(lambda: (c := first.client.get("/models").json()["models"][model].get("candidate")) and
                            c["version"] == "3" and c, 60, "the gate to refuse version 3")
         assert refused["version"] == "3" and refused["status"] == "refused" and refused["gate"]["accuracy"] == 0.0, refused
-        stop.set()
-        for thread in clients:
-            thread.join(timeout=30)
+        load.__exit__()
         assert served_version(first) == served_version(second) == "1"
-        assert not failures, failures[:5]
-        assert answered["1"] > 0 and answered["2"] > 0 and "3" not in answered
+        assert not load.failures, load.failures[:5]
+        assert load.versions["1"] > 0 and load.versions["2"] > 0 and load.versions["3"] == 0
 
         # Deliveries that are not MLflow's: nothing rolls out.
         generation = first.client.get("/registry/health").json()["reload_bus"]["generation"]
@@ -172,7 +151,7 @@ def test_alias_moves_reach_both_replicas_by_webhook_under_load_with_gate_and_rol
         assert first.client.get("/registry/health").json()["reload_bus"]["generation"] == generation
         assert served_version(first) == served_version(second) == "1"
     finally:
-        stop.set()
+        load.__exit__()
         client.delete_webhook(webhook.webhook_id)
         first.stop()
         second.stop()

@@ -31,7 +31,7 @@ from registry.redis_client import GZIP_MAGIC, parse_sentinel_url, redis_from_url
 from registry.settings import RegistrySettings
 from registry.signing import PayloadCodec, SignatureError
 from registry.sources.redis_cache import RedisCacheSource
-from tests.helpers import Tally, publish_tiny, settings_for, wait_for
+from tests.helpers import ClassifyLoad, publish_tiny, settings_for, wait_for
 from tests.servers import ManagedServer, redis_replica, redis_sentinel, redis_server
 from tests.service_proc import ADMIN_TOKEN, ServiceProcess
 
@@ -373,25 +373,8 @@ def test_service_keeps_serving_through_a_sentinel_failover(tmp_path, server_logs
         return codec.decode(unpack_value(raw, "cache"), "cache")
 
     service = ServiceProcess(server_logs, env, workers=2).start()
-    results = Tally()
-    failures: list[str] = []
     marks: dict[str, float] = {}
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(base_url=service.url, timeout=60) as http:
-            while not stop.is_set():
-                try:
-                    response = http.post("/classify", json={"texts": [PROBE, "what is the capital of France?"]})
-                    if response.status_code == 200:
-                        results.add("ok")
-                        results.add("v" + response.json()["model"]["version"])
-                    else:
-                        failures.append(f"{response.status_code}: {response.text[:200]}")
-                except httpx.HTTPError as exc:
-                    failures.append(repr(exc))
-
-    clients = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    load = ClassifyLoad(service.url, [PROBE, "what is the capital of France?"], threads=3)
     try:
         service.wait_ready()  # one worker's answer: the other may still be loading
         wait_for(lambda: [s.get(model) for s in service.client.get("/registry/health").json()["reload_bus"]["serving"].values()]
@@ -399,19 +382,18 @@ def test_service_keeps_serving_through_a_sentinel_failover(tmp_path, server_logs
         assert served_version(service.client) == "2"
         wait_for(lambda: cached_on(group.master.port), 30, "the start-up write-back on the first master")
         wait_for(lambda: group.server(group.replica.port, db).exists(key), 10, "the replica to copy the cache key")
-        for thread in clients:
-            thread.start()
-        results.wait_more("ok", 20, 60, "classify answers before the failover")
+        load.__enter__()
+        load.wait_answers("ok", 20, 60)
 
         old, new = group.master.port, group.replica.port
         with WriteProbe(group.url(db), f"{key}:probe") as probe:
-            at_kill = results["ok"]
+            at_kill = load.versions["ok"]
             killed, killed_wall = time.monotonic(), time.time()
             group.master.stop()
             marks["stopped"] = time.monotonic() - killed
             wait_for(lambda: group.master_port() == new, 60, "the sentinels to promote the replica", poll=0.05)
             marks["promoted"] = time.monotonic() - killed
-            answered_in_outage = results["ok"] - at_kill
+            answered_in_outage = load.versions["ok"] - at_kill
             marks["first write"], probe_failures = wait_for(lambda: probe.back_after(killed), 60,
                                                             "writes through Sentinel to succeed again")
 
@@ -447,17 +429,15 @@ def test_service_keeps_serving_through_a_sentinel_failover(tmp_path, server_logs
         redis_layer = next(layer for layer in health["layers"] if layer["source"] == "redis")
         assert redis_layer["reachable"] is True, redis_layer
 
-        results.wait_more("ok", 20, 60, "classify answers after the failover")
-        stop.set()
-        for thread in clients:
-            thread.join(timeout=60)
+        load.wait_answers("ok", 20, 60)
+        load.__exit__()
         print(f"\n[sentinel e2e] master {old} stopped after {marks['stopped']:.2f}s; promoted after {marks['promoted']:.2f}s; "
               f"writes through Sentinel back after {marks['first write']:.2f}s ({probe_failures} failed tries); "
               f"service heartbeats on the new master after {marks['service bus back']:.2f}s; "
-              f"{answered_in_outage} classify answers between kill and promotion; {results['ok']} in all "
-              f"(v1 {results['v1']}, v2 {results['v2']}); failures {len(failures)}")
-        assert not failures, failures[:5]
+              f"{answered_in_outage} classify answers between kill and promotion; {load.versions['ok']} in all "
+              f"(v1 {load.versions['1']}, v2 {load.versions['2']}); failures {len(load.failures)}")
+        assert not load.failures, load.failures[:5]
         assert answered_in_outage > 0, "classify kept answering while there was no master"
     finally:
-        stop.set()
+        load.__exit__()
         service.stop()
