@@ -5,9 +5,11 @@ Subjects serving the same registered demo model (version 1):
   over batches of the text mix. The honest ceiling is the best of every batching the service could
   use: batches of 1-32 in mix order, the whole mix sorted by length in batches of 8-32, and the
   service's own scheme (windows of 32 texts split into length groups of at most 8), each at torch
-  threads 1 and 2 (2 threads is the machine's width; taking the best can only raise the ceiling);
-- the service, `bentoml serve` with its defaults (one worker, `REGISTRY_TORCH_THREADS` default),
-  and the same with `REGISTRY_ACCELERATE=int8`;
+  threads 1 and 2 (2 threads is the machine's width; taking the best can only raise the ceiling),
+  and the service's scheme on two forward lanes (two Python threads of one torch thread each);
+- the service, `bentoml serve` with its defaults (one worker; forward and torch threads `auto`: on
+  2 cores, two forward lanes of one torch thread), the same with `REGISTRY_ACCELERATE=int8`, with
+  `REGISTRY_WORKERS=2`, and with one lane of one torch thread (the default before lanes);
 - peers: `mlflow models serve --env-manager local` of `models:/security_prompt_injection/1`, its
   defaults; a plain BentoML `@bentoml.api(batchable=True)` service (bench/peer_bentoml.py); MLServer
   1.7 with its Hugging Face runtime and adaptive batching (bench/peers.py, its own venv).
@@ -34,6 +36,10 @@ from bench.report import AreaReport
 LEVELS = (1, 8, 32)
 RAW_BATCHES = (1, 8, 16, 32)
 RAW_THREADS = (1, 2)
+#: Python threads running forward passes at once over one model, as the service's forward lanes do on 2 cores.
+RAW_LANES = 2
+#: (torch threads, batch or window, batching mode, lanes)
+Config = tuple[int, int, str, int]
 #: The service's batching: the batcher gathers up to this many texts, the runner splits them into length groups of at most 8.
 SERVICE_WINDOW, SERVICE_GROUP = 32, 8
 
@@ -80,48 +86,63 @@ class RawModel:
         return out
 
 
-def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int, configs: Optional[list[tuple[int, int, str]]] = None,
+def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int, configs: Optional[list[Config]] = None,
                 raw: Optional[RawModel] = None, results: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """texts/s of the plain model in this process per torch thread count and batch size, best of `trials`.
+    """texts/s of the plain model in this process per torch threads, batching and lanes, best of `trials`.
 
     The raw model is the artifact loaded with transformers directly, so the ceiling does not move
     with the runner's own batching code. Each configuration runs `trials` times for `seconds`,
     interleaved with the others, and keeps its best trial: a ceiling is what the machine can do, and
     other work on a shared machine only ever lowers a trial. Batches take the mix in order (mixed
     lengths, padded to the longest), sorted by length (little padding), and as the service groups
-    them (windows of 32 in mix order, length groups of at most 8). The ceiling is the best of all.
-    `configs`, `raw` and `results` let a later call add trials of some configurations to the same table.
+    them (windows in mix order, length groups of at most 8), on one thread or, like the service's
+    forward lanes, on several Python threads at once over one copy of the model. The ceiling is the
+    best of all. `configs`, `raw` and `results` let a later call add trials to the same table.
     """
+    import threading
+
     import torch
 
     raw = raw or RawModel(lab)
     previous = torch.get_num_threads()
     ordered = sorted(texts, key=len)
-    configs = configs or ([(t, b, "mixed") for t in RAW_THREADS for b in RAW_BATCHES]
-                          + [(t, b, "sorted") for t in RAW_THREADS for b in RAW_BATCHES[1:]]
-                          + [(t, SERVICE_WINDOW, "grouped") for t in RAW_THREADS])
+    configs = configs or ([(t, b, "mixed", 1) for t in RAW_THREADS for b in RAW_BATCHES]
+                          + [(t, b, "sorted", 1) for t in RAW_THREADS for b in RAW_BATCHES[1:]]
+                          + [(t, SERVICE_WINDOW, "grouped", 1) for t in RAW_THREADS]
+                          + [(1, w, "grouped", RAW_LANES) for w in (SERVICE_WINDOW // RAW_LANES, SERVICE_WINDOW)])
     results = {} if results is None else results
     try:
         for _ in range(trials):
-            for threads, batch, mode in configs:
+            for threads, batch, mode, lanes in configs:
                 torch.set_num_threads(threads)
                 source = ordered if mode == "sorted" else texts
                 run_batch = raw.predict_grouped if mode == "grouped" else raw.predict
                 run_batch(source[:batch])  # warm this shape
-                done, i, batch_times = 0, 0, []
+                done, batch_times = [0] * lanes, []
                 start = time.perf_counter()
-                while time.perf_counter() - start < seconds:
-                    lo = (i * batch) % len(source)
-                    chunk = (source + source)[lo:lo + batch]
-                    i += 1
-                    t0 = time.perf_counter()
-                    run_batch(chunk)
-                    batch_times.append(time.perf_counter() - t0)
-                    done += len(chunk)
-                rate = done / (time.perf_counter() - start)
-                key = f"threads={threads},batch={batch}" + ("" if mode == "mixed" else f",{mode}")
-                row = results.setdefault(key, {"threads": threads, "batch": batch, "mode": mode, "sorted": mode == "sorted",
-                                               "trials": []})
+
+                def lane(k: int) -> None:
+                    i = k * 7  # lanes start at different places in the mix
+                    while time.perf_counter() - start < seconds:
+                        lo = (i * batch) % len(source)
+                        chunk = (source + source)[lo:lo + batch]
+                        i += 1
+                        t0 = time.perf_counter()
+                        run_batch(chunk)
+                        batch_times.append(time.perf_counter() - t0)
+                        done[k] += len(chunk)
+
+                workers = [threading.Thread(target=lane, args=(k,)) for k in range(1, lanes)]
+                for worker in workers:
+                    worker.start()
+                lane(0)
+                for worker in workers:
+                    worker.join()
+                rate = sum(done) / (time.perf_counter() - start)
+                key = (f"threads={threads},batch={batch}" + ("" if mode == "mixed" else f",{mode}")
+                       + ("" if lanes == 1 else f",lanes={lanes}"))
+                row = results.setdefault(key, {"threads": threads, "batch": batch, "mode": mode, "lanes": lanes,
+                                               "sorted": mode == "sorted", "trials": []})
                 row["trials"].append(round(rate, 2))
                 if rate >= row.get("texts_per_s", 0):
                     row.update(texts_per_s=rate, batch_ms_median=sorted(batch_times)[len(batch_times) // 2] * 1000)
@@ -132,10 +153,17 @@ def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int, configs
     return {"runs": results, "labels": labels, "model": raw}
 
 
-def best(runs: dict[str, Any], threads: Optional[int] = None, mode: Optional[str] = None) -> dict[str, Any]:
-    """The fastest configuration, of one thread count and/or batching mode when given (all of them: the ceiling)."""
-    return max((r for r in runs.values() if (threads is None or r["threads"] == threads) and (mode is None or r["mode"] == mode)),
+def best(runs: dict[str, Any], threads: Optional[int] = None, mode: Optional[str] = None, lanes: Optional[int] = None) -> dict[str, Any]:
+    """The fastest configuration of the given torch threads, batching mode and lanes (none given: the ceiling)."""
+    return max((r for r in runs.values() if (threads is None or r["threads"] == threads) and (mode is None or r["mode"] == mode)
+                and (lanes is None or r.get("lanes", 1) == lanes)),
                key=lambda r: r["texts_per_s"])
+
+
+def _config(row: dict[str, Any]) -> str:
+    lanes = row.get("lanes", 1)
+    return (f"{row['threads']} torch thread(s), batch {row['batch']}, {row['mode']}"
+            + ("" if lanes == 1 else f", {lanes} lanes (Python threads) at once"))
 
 
 def batch_counters(client: httpx.Client, name: str) -> tuple[int, int]:
@@ -174,7 +202,8 @@ def run(lab: Lab, quick: bool) -> AreaReport:
     texts = text_mix()
 
     # --quick: the configurations that won before, and no peers but mlflow (each start costs 20-40 s here).
-    quick_configs = [(1, 8, "mixed"), (1, 8, "sorted"), (1, SERVICE_WINDOW, "grouped"), (2, SERVICE_WINDOW, "grouped")]
+    quick_configs = [(1, 8, "mixed", 1), (1, 8, "sorted", 1), (1, SERVICE_WINDOW, "grouped", 1), (2, SERVICE_WINDOW, "grouped", 1),
+                     (1, SERVICE_WINDOW // RAW_LANES, "grouped", RAW_LANES)]
     raw = raw_ceiling(lab, texts, raw_s, trials, configs=quick_configs if quick else None)
     runs = raw["runs"]
 
@@ -193,16 +222,22 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         skipped.update({name: "full runs only (--quick skips it)" for name in starts})
         starts = {}
     elif peer_mod.mlserver_ready():
-        skipped["mlserver"] = str(peer_mod.mlserver_ready())
-        del starts["mlserver"]
+        lab.say(f"[bench] {peer_mod.mlserver_ready()}: building it now (pip, a few minutes, once)")
+        try:
+            peer_mod.build_mlserver()
+        except Exception as exc:  # no package index: MLServer is reported as not measured, the rest still runs
+            skipped["mlserver"] = f"building its environment failed: {type(exc).__name__}: {str(exc)[-300:]}"
+            del starts["mlserver"]
     with ThreadPoolExecutor(max_workers=3 + len(starts)) as pool:
         f_svc = pool.submit(lab.service)
         f_int8 = pool.submit(lab.service, REGISTRY_ACCELERATE="int8")
         f_svc2 = pool.submit(lab.service, workers=2)  # both cores, one torch thread each
+        f_lane1 = pool.submit(lab.service, REGISTRY_FORWARD_THREADS="1", REGISTRY_TORCH_THREADS="1")  # the former default
         f_mls = pool.submit(timed, lab.mlflow_models_serve)
         f_peers = {name: pool.submit(start) for name, start in starts.items()}
         (svc, ready_s), (int8, int8_ready_s), (mls, mls_start_s) = f_svc.result(), f_int8.result(), f_mls.result()
         svc2, _ = f_svc2.result()
+        lane1, _ = f_lane1.result()
         peers: dict[str, Any] = {}
         for name, fut in f_peers.items():
             try:
@@ -234,6 +269,8 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         subjects["service-int8"] = (int8.url, "/classify", service_bodies)
         subjects["service-2-workers"] = (svc2.url, "/classify", service_bodies)
         labels["service-2-workers"] = [p["label"] for p in svc2.classify(texts).json()["predictions"]]
+        subjects["service-1-lane"] = (lane1.url, "/classify", service_bodies)
+        labels["service-1-lane"] = [p["label"] for p in lane1.classify(texts).json()["predictions"]]
         subjects["mlflow"] = (mls.url, "/invocations", [json.dumps({"inputs": [t]}).encode() for t in texts])
         for name, peer in peers.items():
             subjects[name] = (peer.url, peer.path, [peer.body(t) for t in texts])
@@ -249,30 +286,33 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         # The ceiling again, now, for its best configurations: other work on the machine moves during a run,
         # and a ceiling measured only before the servers started could be lower than what the service then reached.
         top = sorted(runs.values(), key=lambda r: r["texts_per_s"], reverse=True)[:3]
-        raw_ceiling(lab, texts, raw_s, 1, configs=[(r["threads"], r["batch"], r["mode"]) for r in top], raw=raw["model"], results=runs)
-        for name, proc in (("service", svc.proc), ("service-int8", int8.proc), ("service-2-workers", svc2.proc), ("mlflow", mls.proc),
+        raw_ceiling(lab, texts, raw_s, 1, configs=[(r["threads"], r["batch"], r["mode"], r["lanes"]) for r in top], raw=raw["model"],
+                    results=runs)
+        for name, proc in (("service", svc.proc), ("service-int8", int8.proc), ("service-2-workers", svc2.proc),
+                           ("service-1-lane", lane1.proc), ("mlflow", mls.proc),
                            *((n, p.server.proc) for n, p in peers.items())):
             rss[name] = rss_mib(proc.pid) if proc else None
         profile = profile_service(svc, service_bodies, 32, profile_s)
     finally:
-        for server in (svc, int8, svc2, mls, *peers.values()):
+        for server in (svc, int8, svc2, lane1, mls, *peers.values()):
             server.stop()
 
-    ceiling, raw_2t, raw_1t = best(runs), best(runs, 2), best(runs, 1)
-    bucketed, grouped = best(runs, mode="sorted"), best(runs, mode="grouped")
+    ceiling, raw_2t, raw_1t = best(runs), best(runs, 2, lanes=1), best(runs, 1, lanes=1)
+    bucketed, grouped, laned = best(runs, mode="sorted"), best(runs, mode="grouped", lanes=1), best(runs, lanes=RAW_LANES)
     service, mlflow = results["service"], results["mlflow"]
-    report.add("raw model ceiling: best of threads x batching", ceiling["texts_per_s"], "texts/s", key="raw_ceiling",
-               note=f"{ceiling['threads']} thread(s), batch {ceiling['batch']}, {ceiling['mode']}; over mix-order batches 1-32, "
-                    "length-sorted batches 8-32 and the service's windows of 32 in length groups of <= 8, threads 1 and 2")
+    report.add("raw model ceiling: best of threads x batching x lanes", ceiling["texts_per_s"], "texts/s", key="raw_ceiling",
+               note=f"{_config(ceiling)}; over mix-order batches 1-32, length-sorted batches 8-32, the service's windows of 32 in "
+                    f"length groups of <= {SERVICE_GROUP} at threads 1 and 2, and the same on {RAW_LANES} lanes of 1 thread")
     report.add("raw model, 2 threads, best batching", raw_2t["texts_per_s"], "texts/s", "raw ceiling", ceiling["texts_per_s"],
-               note=f"batch {raw_2t['batch']}, {raw_2t['mode']}", key="raw_2threads")
+               note=_config(raw_2t), key="raw_2threads")
     report.add("raw model, 1 thread, best batching", raw_1t["texts_per_s"], "texts/s", "raw ceiling", ceiling["texts_per_s"],
-               note=f"batch {raw_1t['batch']}, {raw_1t['mode']}", key="raw_1thread")
+               note=_config(raw_1t), key="raw_1thread")
     report.add("raw model, length-sorted batches", bucketed["texts_per_s"], "texts/s", "raw ceiling", ceiling["texts_per_s"],
-               note=f"{bucketed['threads']} thread(s), batch {bucketed['batch']}; the whole mix sorted by length", key="raw_sorted")
-    report.add("raw model, the service's grouping", grouped["texts_per_s"], "texts/s", "raw ceiling", ceiling["texts_per_s"],
-               note=f"{grouped['threads']} thread(s); windows of {SERVICE_WINDOW} texts, length groups of <= {SERVICE_GROUP}",
-               key="raw_grouped")
+               note=f"{_config(bucketed)}; the whole mix sorted by length", key="raw_sorted")
+    report.add("raw model, the service's grouping, one lane", grouped["texts_per_s"], "texts/s", "raw ceiling", ceiling["texts_per_s"],
+               note=f"{_config(grouped)}; windows in mix order, length groups of <= {SERVICE_GROUP}", key="raw_grouped")
+    report.add(f"raw model, the service's grouping on {RAW_LANES} lanes", laned["texts_per_s"], "texts/s", "raw ceiling",
+               ceiling["texts_per_s"], note=_config(laned), key="raw_lanes")
     for c in LEVELS:
         s, m = service[c], mlflow[c]
         report.add(f"service throughput, {c} clients, vs ceiling", s.rps, "req/s", "raw ceiling", ceiling["texts_per_s"],
@@ -285,13 +325,17 @@ def run(lab: Lab, quick: bool) -> AreaReport:
 
     # The issue's headline ratios, all at 32 clients, all from this run.
     s32 = service[32]
-    report.add("service vs honest raw ceiling, 32 clients", s32.rps, "req/s", "raw ceiling (any batching, 1-2 threads)",
+    report.add("service vs honest raw ceiling, 32 clients", s32.rps, "req/s", "raw ceiling (any batching, 1-2 threads, lanes)",
                ceiling["texts_per_s"], key="svc_vs_ceiling_32")
     report.add("service p99 vs p50, 32 clients", s32.p99_ms, "ms", "service p50", s32.p50_ms, key="svc_p99_over_p50_32")
     w2 = results["service-2-workers"][32]
-    report.add("service, REGISTRY_WORKERS=2, vs honest raw ceiling, 32 clients", w2.rps, "req/s", "raw ceiling (any batching, 1-2 threads)",
+    report.add("service, REGISTRY_WORKERS=2, vs honest raw ceiling, 32 clients", w2.rps, "req/s", "raw ceiling (any batching, 1-2 threads, lanes)",
                ceiling["texts_per_s"], key="svc2w_vs_ceiling_32",
                note=f"p50 {w2.p50_ms or 0:.0f} ms, p99 {w2.p99_ms or 0:.0f} ms, non-200 {w2.bad}; RSS {rss.get('service-2-workers')} MiB")
+    one = results["service-1-lane"][32]
+    report.add("service vs one forward lane of one torch thread (the former default), 32 clients", s32.rps, "req/s",
+               "REGISTRY_FORWARD_THREADS=1, REGISTRY_TORCH_THREADS=1", one.rps, key="svc_vs_one_lane_32",
+               note=f"one lane: p50 {one.p50_ms or 0:.0f} ms, p99 {one.p99_ms or 0:.0f} ms, non-200 {one.bad}")
     for c in LEVELS:
         a = results["service-int8"][c]
         report.add(f"REGISTRY_ACCELERATE=int8 throughput, {c} clients", a.rps, "req/s", "service, eager", service[c].rps,

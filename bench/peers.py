@@ -3,8 +3,9 @@
 runtime and adaptive batching, from its own virtual environment under `data/` (its pins conflict with
 this project's: transformers 4.41, tokenizers 0.19).
 
-`python -m bench.peers --build-mlserver` builds that environment (a few minutes, once); a run without
-it reports MLServer as not measured and says why.
+A full `make bench` builds that environment when it is missing (pip, a few minutes, once);
+`python -m bench.peers --build-mlserver` builds it ahead. A run that cannot build it reports MLServer
+as not measured and says why.
 """
 
 from __future__ import annotations

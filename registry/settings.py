@@ -164,8 +164,14 @@ class RegistrySettings(BaseSettings):
     """Most texts the batcher gathers from queued requests at once, before grouping them by length.
     `REGISTRY_BATCH_WINDOW`, its former name, is still read."""
 
-    torch_threads: int = Field(1, ge=1)
-    """Torch threads per worker; one per worker keeps a shared 2-core machine from thrashing."""
+    forward_threads: Optional[int] = Field(None, ge=1)
+    """Forward passes a worker runs at once, each on its own batch, all on one copy of the model.
+    Unset or `auto`: 1 on a GPU; on a CPU 2 when the worker's share of the CPUs is 2 or more."""
+
+    torch_threads: Optional[int] = Field(None, ge=1)
+    """Torch threads of each forward pass. Unset or `auto`: the worker's share of the CPUs
+    (the CPUs this process may use, cgroup limit included, divided by the workers) divided by the
+    forward threads, so that workers x forward threads x torch threads never exceeds the CPUs."""
 
     batch_wait_ms: float = Field(0.0, ge=0)
     """Extra milliseconds a batch waits for more requests; 0 = take what queued while the model was busy."""
@@ -216,6 +222,11 @@ class RegistrySettings(BaseSettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         # A variable declared but left empty (bento `envs`, compose files) means "not set".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("forward_threads", "torch_threads", mode="before")
+    @classmethod
+    def _auto(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "auto") else value
 
     @field_validator("models", "allowed_uris", mode="before")
     @classmethod

@@ -3,27 +3,65 @@
 BentoML's own batchable APIs return one output per input item, so a batch could not also report
 which model version produced it. This batcher belongs to one loaded model version: every
 prediction of a batch comes from that version, and the response says so.
+
+A worker can run several forward passes at once ("lanes", `REGISTRY_FORWARD_THREADS`), each on
+its own batch and all on the one copy of the model in memory: while one lane is inside torch,
+another tokenizes its batch or runs Python between torch calls. On a CPU that beats one pass
+spread over several torch threads (see `forward_plan`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import deque
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, lowered by a cgroup CPU quota (a container's limit)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:  # cgroup v2: "<quota> <period>" or "max <period>"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def forward_plan(lanes: Optional[int], torch_threads: Optional[int], *, workers: int, cuda: bool,
+                 cpus: Optional[int] = None) -> tuple[int, int]:
+    """(forward lanes, torch threads) for one worker; a value given is kept, `None` is worked out.
+
+    On a GPU one lane feeds the device. On a CPU the worker's share of the CPUs (`cpus / workers`)
+    is split into two lanes when it has two or more, and the torch threads divide what is left:
+    measured on 2 cores, two single-threaded passes at once ran the demo model at 172 texts/s
+    against 155 for one pass on two threads, and 4 threads on 2 cores (two workers of 2) thrashed.
+    """
+    share = max(1, (cpus or available_cpus()) // max(1, workers))
+    if lanes is None:
+        lanes = 1 if cuda else min(2, share)
+    if torch_threads is None:
+        torch_threads = max(1, share // lanes)
+    return lanes, torch_threads
+
+
 class MicroBatcher:
-    """Groups concurrent requests into forward passes of at most `max_texts` texts."""
+    """Groups concurrent requests into forward passes of at most `max_texts` texts, `lanes` passes at once."""
 
     def __init__(self, predict: Callable[[list[str]], list[dict[str, Any]]], executor: Executor, *,
-                 max_texts: int, wait_ms: float = 0.0):
+                 max_texts: int, wait_ms: float = 0.0, lanes: int = 1):
         self._predict = predict
         self._executor = executor
         self.max_texts = max_texts
         self.wait_s = wait_ms / 1000.0
+        self.lanes = max(1, lanes)
         self._pending: deque[tuple[list[str], asyncio.Future]] = deque()
-        self._draining = False
+        self._draining = 0  # lanes with a drain task
+        self._in_flight = 0  # texts inside forward passes
         self.batches = 0
         self.texts = 0
 
@@ -31,16 +69,26 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         self._pending.append((texts, future))
-        if not self._draining:
-            self._draining = True
+        if self._draining < self.lanes:
+            self._draining += 1
             loop.create_task(self._drain())
         return await future
 
     def _take(self) -> list[tuple[list[str], asyncio.Future]]:
-        """At least one request; more while they fit in one batch (a big request goes alone)."""
+        """At least one request; more while they fit in one batch (a big request goes alone).
+
+        With several lanes, a lane takes at most its even share of all outstanding texts (queued
+        plus those in the other lanes' passes). Taking everything queued instead can lock into uneven
+        lanes (measured: passes of 23 and 9 texts at 32 clients, a bimodal latency whose p99 was
+        2.7x its p50): the lane that finished first keeps getting the few requests that came back.
+        """
+        limit = self.max_texts
+        if self.lanes > 1:
+            queued = sum(len(texts) for texts, _ in self._pending)
+            limit = min(limit, max(1, -(-(queued + self._in_flight) // self.lanes)))
         batch = [self._pending.popleft()]
         size = len(batch[0][0])
-        while self._pending and size + len(self._pending[0][0]) <= self.max_texts:
+        while self._pending and size + len(self._pending[0][0]) <= limit:
             texts, future = self._pending.popleft()
             batch.append((texts, future))
             size += len(texts)
@@ -52,10 +100,13 @@ class MicroBatcher:
             while self._pending:
                 if self.wait_s:
                     await asyncio.sleep(self.wait_s)
+                    if not self._pending:
+                        break
                 batch = [(t, f) for t, f in self._take() if not f.cancelled()]
                 if not batch:
                     continue
                 flat = [text for texts, _ in batch for text in texts]
+                self._in_flight += len(flat)
                 try:
                     results: Optional[list[dict[str, Any]]] = await loop.run_in_executor(self._executor, self._predict, flat)
                 except Exception as exc:  # the error belongs to every request of the batch
@@ -63,6 +114,8 @@ class MicroBatcher:
                         if not future.done():
                             future.set_exception(exc)
                     continue
+                finally:
+                    self._in_flight -= len(flat)
                 self.batches += 1
                 self.texts += len(flat)
                 offset = 0
@@ -71,4 +124,4 @@ class MicroBatcher:
                         future.set_result(results[offset:offset + len(texts)])
                     offset += len(texts)
         finally:
-            self._draining = False
+            self._draining -= 1

@@ -114,7 +114,7 @@ class ModelHost:
             _LIVE.append(self)
         import torch
 
-        torch.set_num_threads(self.settings.torch_threads)
+        torch.set_num_threads(self.manager.torch_threads)
         loops: list[tuple[str, Callable[[], None], float]] = [
             ("model-loader", self._load_step, self.settings.retry_interval),
             ("heartbeat", self._heartbeat_step, 1.0),

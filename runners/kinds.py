@@ -20,6 +20,8 @@ class ModelRunner(Protocol):
 
     record: ModelRecord
     ready: bool
+    # Optional: `thread_safe = True` lets the host call predict from several forward threads at
+    # once (REGISTRY_FORWARD_THREADS); a runner without it gets one.
 
     def load(self) -> None:
         """Fetch, verify, build and warm up; raises ArtifactError saying why it could not."""

@@ -7,6 +7,7 @@ answers, so in-flight requests finish on the version they started on and report 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from registry.resolver import Resolver
 from registry.settings import RegistrySettings
 from registry.logs import log_fields
 from registry.metrics import metrics, serving_changed
-from runners.batching import MicroBatcher
+from runners.batching import MicroBatcher, forward_plan
 from runners.gate import PromotionGate
 from runners import kinds
 from runners.kinds import ModelRunner
@@ -69,7 +70,16 @@ class ServedModel:
             "trail": self.resolution.trail_dicts(),
             "batches": self.batcher.batches,
             "texts": self.batcher.texts,
+            "forward_threads": self.batcher.lanes,
         }
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:  # a worker serving only non-torch runners
+        return False
+    return torch.cuda.is_available()
 
 
 class ModelManager:
@@ -94,9 +104,11 @@ class ModelManager:
         self.candidates: dict[str, dict[str, Any]] = {}
         self._retry_at: dict[str, tuple[float, float]] = {}  # name -> (monotonic time of the next try, backoff)
         self._load_lock = threading.Lock()
-        # One thread runs forward passes: the model is used by one batch at a time, and torch's own
-        # thread count (settings.torch_threads) decides the parallelism inside it.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        # `lanes` threads run forward passes, shared by every model of this worker; torch's own
+        # thread count decides the parallelism inside each pass (host.start sets it).
+        self.lanes, self.torch_threads = forward_plan(settings.forward_threads, settings.torch_threads,
+                                                      workers=settings.workers, cuda=_cuda())
+        self.executor = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="forward")
 
     # -- requests -----------------------------------------------------------------------------
     def get(self, name: Optional[str]) -> ServedModel:
@@ -144,8 +156,10 @@ class ModelManager:
     def _load(self, resolution: Resolution) -> ServedModel:
         runner = self.runner_factory(resolution.record, self.settings)
         runner.load()  # fetch, verify, build, warm up: raises ArtifactError saying why
+        # A runner that does not say its predict may run in several threads at once gets one lane.
+        lanes = self.lanes if getattr(runner, "thread_safe", False) else 1
         batcher = MicroBatcher(runner.predict, self.executor, max_texts=self.settings.batch_max_texts,
-                               wait_ms=self.settings.batch_wait_ms)
+                               wait_ms=self.settings.batch_wait_ms, lanes=lanes)
         return ServedModel(runner=runner, resolution=resolution, batcher=batcher)
 
     def activate(self, name: str, selector: Selector | str, *, resolution: Optional[Resolution] = None,
@@ -217,6 +231,12 @@ class ModelManager:
         current.runner_is_stand_in = stand_in
         self._set_served(name, current)  # the swap: one reference assignment
         self._errors.pop(name, None)
+        # What the load left in memory (the model, the libraries it imported) lives as long as the
+        # version serves: out of the cyclic collector's sight, a full collection no longer walks it
+        # (measured: a full collection paused the whole worker for 380 ms, once or twice a minute at
+        # 32 clients; now 10-15 ms).
+        # Reference counting still frees it once the version is swapped out.
+        gc.freeze()
         logger.info("[HYBRID] serving %s version %s from %s (loaded in %.2fs%s)", name, record.version, record.source,
                     time.perf_counter() - start, f", replaced version {previous.record.version}" if previous else "",
                     extra=log_fields(name, record.version, record.source))

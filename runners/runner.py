@@ -94,6 +94,9 @@ def _sequence_classifier(source: Union[Path, str], device: torch.device) -> Any:
 class TextClassificationRunner:
     """One model version in memory: load it once, then classify batches of texts."""
 
+    #: predict may run in several threads at once: inference only reads the module's weights.
+    thread_safe = True
+
     def __init__(
         self,
         record: ModelRecord,

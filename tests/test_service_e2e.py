@@ -9,6 +9,7 @@ import boto3
 import httpx
 import pytest
 
+from runners.batching import forward_plan
 from tests.helpers import Tally, publish_tiny, save_hf_dir, settings_for, tiny_predictions, wait_for
 from tests.service_proc import ADMIN_TOKEN, ServiceProcess
 from tests.servers import mlflow_server, s3_server
@@ -88,6 +89,7 @@ def test_every_artifact_form_loads_predicts_and_reloads(tmp_path, server_logs, r
 
         models = service.client.get("/models").json()
         assert models["ready"] and models["models"][MODEL]["runner"]["form"] == "mlflow-pytorch-pt2"
+        assert models["models"][MODEL]["forward_threads"] == forward_plan(None, None, workers=1, cuda=False)[0]
         assert models["models"][MODEL]["trail"][-1]["outcome"] == "hit"
         health = service.client.get("/registry/health").json()
         assert [layer["source"] for layer in health["layers"]] == ["redis", "training_api", "mlflow", "file", "huggingface"]
