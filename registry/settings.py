@@ -170,8 +170,9 @@ class RegistrySettings(BaseSettings):
 
     torch_threads: Optional[int] = Field(None, ge=1)
     """Torch threads of each forward pass. Unset or `auto`: the worker's share of the CPUs
-    (the CPUs this process may use, cgroup limit included, divided by the workers) divided by the
-    forward threads, so that workers x forward threads x torch threads never exceeds the CPUs."""
+    (the CPUs this process may use, a cgroup v1 or v2 CPU quota included, divided by the workers)
+    divided by the forward threads; with both `auto`, workers x forward threads x torch threads
+    does not exceed the CPUs."""
 
     batch_wait_ms: float = Field(0.0, ge=0)
     """Extra milliseconds a batch waits for more requests; 0 = take what queued while the model was busy."""

@@ -104,6 +104,7 @@ class ModelManager:
         self.candidates: dict[str, dict[str, Any]] = {}
         self._retry_at: dict[str, tuple[float, float]] = {}  # name -> (monotonic time of the next try, backoff)
         self._load_lock = threading.Lock()
+        self._heap_frozen = False
         # `lanes` threads run forward passes, shared by every model of this worker; torch's own
         # thread count decides the parallelism inside each pass (host.start sets it).
         self.lanes, self.torch_threads = forward_plan(settings.forward_threads, settings.torch_threads,
@@ -231,12 +232,15 @@ class ModelManager:
         current.runner_is_stand_in = stand_in
         self._set_served(name, current)  # the swap: one reference assignment
         self._errors.pop(name, None)
-        # What the load left in memory (the model, the libraries it imported) lives as long as the
-        # version serves: out of the cyclic collector's sight, a full collection no longer walks it
-        # (measured: a full collection paused the whole worker for 380 ms, once or twice a minute at
-        # 32 clients; now 10-15 ms).
-        # Reference counting still frees it once the version is swapped out.
-        gc.freeze()
+        if not self._heap_frozen:
+            # Once per worker, after its first load: the libraries that load imported (torch,
+            # transformers, MLflow: some 700,000 objects) leave the cyclic collector's sight, so a
+            # full collection no longer walks them (measured: it paused the whole worker for 380 ms,
+            # about once a minute at 32 clients; 10-15 ms since). Only this once: a version frozen
+            # at a later swap could never have its reference cycles (a pt2 GraphModule has one)
+            # collected once swapped out; the first version's are the one bounded exception.
+            gc.freeze()
+            self._heap_frozen = True
         logger.info("[HYBRID] serving %s version %s from %s (loaded in %.2fs%s)", name, record.version, record.source,
                     time.perf_counter() - start, f", replaced version {previous.record.version}" if previous else "",
                     extra=log_fields(name, record.version, record.source))

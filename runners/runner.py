@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -94,7 +95,8 @@ def _sequence_classifier(source: Union[Path, str], device: torch.device) -> Any:
 class TextClassificationRunner:
     """One model version in memory: load it once, then classify batches of texts."""
 
-    #: predict may run in several threads at once: inference only reads the module's weights.
+    #: predict may run in several threads at once: inference only reads the module's weights, and
+    #: the tokenizer is called under a lock (see `_tokenizer_lock`).
     thread_safe = True
 
     def __init__(
@@ -119,6 +121,11 @@ class TextClassificationRunner:
         #: How forward passes run: "eager", or the acceleration that passed its parity check ("int8").
         self.execution = "eager"
         self.accelerate_info: Optional[dict[str, Any]] = None
+        # A fast tokenizer switches its Rust padding state when a call asks for other settings
+        # (tokenize pads, predict does not) while it encodes with the GIL released; tokenizers
+        # releases have raised "Already borrowed" for that (not reproduced with the pinned 0.23.3).
+        # Encoding is about 1% of the CPU: one call at a time costs nothing measurable.
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def _tag(self) -> str:
@@ -169,15 +176,16 @@ class TextClassificationRunner:
         )
 
     def tokenize(self, texts: Sequence[str]) -> Encoded:
-        """Encode texts as one padded batch of tensors (on the CPU); needs no model lock."""
+        """Encode texts as one padded batch of tensors (on the CPU)."""
         model = self._require()
-        return model.tokenizer(
-            list(texts),
-            padding="max_length" if model.pad_to_max_length else True,
-            truncation=True,
-            max_length=model.max_length,
-            return_tensors="pt",
-        )
+        with self._tokenizer_lock:
+            return model.tokenizer(
+                list(texts),
+                padding="max_length" if model.pad_to_max_length else True,
+                truncation=True,
+                max_length=model.max_length,
+                return_tensors="pt",
+            )
 
     def predict_encoded(self, encoded: Encoded) -> list[dict[str, Any]]:
         """Run the forward pass over one encoded batch; `{"label", "score"}` per row."""
@@ -201,7 +209,8 @@ class TextClassificationRunner:
         if model.pad_to_max_length:  # a program exported for one sequence length: nothing to gain
             step = self.settings.forward_batch_size
             return [r for start in range(0, len(texts), step) for r in self.predict_encoded(self.tokenize(texts[start:start + step]))]
-        features = model.tokenizer(list(texts), truncation=True, max_length=model.max_length)
+        with self._tokenizer_lock:
+            features = model.tokenizer(list(texts), truncation=True, max_length=model.max_length)
         lengths = [len(ids) for ids in features["input_ids"]]
         results: list[dict[str, Any]] = [{}] * len(texts)
         for group in length_groups(lengths, self.settings.forward_batch_size):
