@@ -48,9 +48,9 @@ def forward_plan(lanes: Optional[int], torch_threads: Optional[int], *, workers:
 
     On a GPU one lane feeds the device. On a CPU the worker's share of the CPUs (`cpus / workers`)
     is split into two lanes when it has two or more, and the torch threads divide what is left:
-    measured on 2 cores (README, "Measured figures"), two single-threaded passes at once ran the
-    demo model at 173 texts/s against 134 for one pass on two threads. Given values are kept as
-    they are, even where workers x lanes x threads exceeds the CPUs.
+    measured on 2 cores (README, "Measured figures"), two single-threaded passes at once beat one
+    pass on two threads. Given values are kept as they are, even where workers x lanes x threads
+    exceeds the CPUs.
     """
     share = max(1, (cpus or available_cpus()) // max(1, workers))
     if lanes is None:
