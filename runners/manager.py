@@ -147,6 +147,8 @@ class ModelManager:
         """What `/models` says of one model: what serves, and what it wanted or tried and did not."""
         served = self._served.get(name)
         body = served.describe() if served is not None else {"name": name, "loaded": False, "error": self._errors.get(name)}
+        if served is not None:
+            body["torch_threads"] = self.torch_threads  # of each forward pass; `forward_threads` says how many at once
         if name in self.wanted:
             body["wanted"] = self.wanted[name]
         if name in self.candidates:

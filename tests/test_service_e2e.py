@@ -89,7 +89,8 @@ def test_every_artifact_form_loads_predicts_and_reloads(tmp_path, server_logs, r
 
         models = service.client.get("/models").json()
         assert models["ready"] and models["models"][MODEL]["runner"]["form"] == "mlflow-pytorch-pt2"
-        assert models["models"][MODEL]["forward_threads"] == forward_plan(None, None, workers=1, cuda=False)[0]
+        assert (models["models"][MODEL]["forward_threads"], models["models"][MODEL]["torch_threads"]) == \
+            forward_plan(None, None, workers=1, cuda=False)
         assert models["models"][MODEL]["trail"][-1]["outcome"] == "hit"
         health = service.client.get("/registry/health").json()
         assert [layer["source"] for layer in health["layers"]] == ["redis", "training_api", "mlflow", "file", "huggingface"]
