@@ -20,12 +20,20 @@ from pydantic import BaseModel, Field, StrictStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.responses import JSONResponse
 
-from registry.errors import ModelNotLoaded, UnknownModel
+from registry.errors import ModelNotLoaded, SettingsError, UnknownModel
 from registry.settings import ENV_PREFIX, RegistrySettings, load_settings
 from runners.admin import error, registry_admin
 from runners.host import ModelHost
 
 logger = logging.getLogger("service")
+
+
+def _workers() -> int:
+    """REGISTRY_WORKERS, read at import; a bad setting stops `bentoml serve` with one line naming it."""
+    try:
+        return RegistrySettings.from_env().workers
+    except SettingsError as exc:
+        raise SystemExit(f"[HYBRID] cannot start: {exc}") from None
 
 
 class ClassifierLimits(BaseSettings):
@@ -56,7 +64,7 @@ class ClassifyRequest(BaseModel):
     name="security_classifier",
     # BentoML reads `workers` when this module is imported (and freezes it into a bento at build
     # time): the one setting read at import, through the same settings object as everything else.
-    workers=RegistrySettings.from_env().workers,
+    workers=_workers(),
     traffic={"timeout": 300, "max_concurrency": 512},
 )
 class SecurityClassifier:

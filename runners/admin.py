@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
 from registry.coordination import CoordinationError
-from registry.errors import GateRefused, ModelNotResolvable, ReloadFailed, SelectorError, UnknownModel
+from registry.errors import GateRefused, ModelNotResolvable, ReloadFailed, SelectorError, SettingsError, UnknownModel
 from registry.record import Selector
 from runners.host import ModelHost, live_hosts
 
@@ -248,9 +248,12 @@ def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = (),
     if not hosts:
         raise TypeError(f"{cls.__name__} declares no ModelHost attribute (e.g. `host = ModelHost(models=[...])`)")
     for name in hosts:
-        # Checked when the service module is imported, so a bad setting stops `bentoml serve` at once
-        # instead of every worker failing in BentoML's restart loop.
-        getattr(cls, name).check_configuration()
+        # Checked when the service module is imported, so a bad setting stops `bentoml serve` at once,
+        # with one line naming the variable, instead of every worker failing in BentoML's restart loop.
+        try:
+            getattr(cls, name).check_configuration()
+        except SettingsError as exc:
+            raise SystemExit(f"[HYBRID] cannot start {cls.__name__}: {exc}") from None
     original_init = cls.__init__
 
     @functools.wraps(original_init)

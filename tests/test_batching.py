@@ -275,3 +275,22 @@ def test_lanes_go_to_thread_safe_runners_only_and_the_heap_is_frozen_once(hf_dir
     finally:
         manager.close()
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("variable, value, says", [
+    ("REGISTRY_FORWARD_THREADS", "0", "greater than or equal to 1"),
+    ("REGISTRY_TORCH_THREADS", "lots", "valid integer"),
+])
+def test_a_bad_thread_setting_stops_the_service_with_one_line(variable: str, value: str, says: str):
+    """`bentoml serve` imports service.py first: a bad value ends it there, one line naming the variable."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+    proc = subprocess.run([sys.executable, "-c", "import service"], cwd=repo, env={**env, variable: value},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"[HYBRID] cannot start: {variable}='{value}'" in proc.stderr and says in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

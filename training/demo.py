@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from registry.errors import RegistryError, SourceUnavailable
+from registry.errors import RegistryError, SettingsError, SourceUnavailable
 from registry.settings import RegistrySettings
 from training.publisher import FLAVORS
 
@@ -208,7 +208,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
-    settings = RegistrySettings.from_env()
+    try:
+        settings = RegistrySettings.from_env()
+    except SettingsError as exc:
+        parser.error(str(exc))
     if not settings.mlflow_tracking_uri:
         parser.error("MLFLOW_TRACKING_URI is not set: there is no registry to publish the demo model to")
 
