@@ -67,6 +67,21 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
+def service_env(tmp_path: Path, mlflow_srv: Any, s3_srv: Any, **variables: str) -> dict[str, str]:
+    """Environment of a `bentoml serve` on the test stack: MLflow with S3 artifacts, backup file and
+    artifact cache under `tmp_path`, the tests' admin token; `variables` add to it or override it."""
+    from tests.service_proc import ADMIN_TOKEN
+
+    return {
+        "MLFLOW_TRACKING_URI": mlflow_srv.url,
+        "MLFLOW_S3_ENDPOINT_URL": s3_srv.url,
+        "REGISTRY_BACKUP_PATH": str(tmp_path / "model_registry.json"),
+        "REGISTRY_ARTIFACT_CACHE": str(tmp_path / "artifacts"),
+        "REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN,
+        **variables,
+    }
+
+
 def settings_for(tmp_path: Path, *, redis_url: Optional[str] = None, cache_key: str = "model_registry",
                  training_api_url: Optional[str] = None, mlflow_uri: Optional[str] = None,
                  fallback: Optional[dict[str, str]] = None, **extra: Any) -> RegistrySettings:

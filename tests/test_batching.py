@@ -17,7 +17,7 @@ from registry.settings import RegistrySettings
 from runners.batching import MicroBatcher, available_cpus, cgroup_cpu_quota, forward_plan
 from runners.manager import ModelManager
 from runners.runner import TextClassificationRunner
-from tests.tiny_models import tiny_classifier
+from tests.helpers import save_hf_dir, settings_for
 
 
 class Model:
@@ -187,8 +187,7 @@ def test_thread_settings_take_auto_and_refuse_zero(monkeypatch):
 # -- the real runner and manager -------------------------------------------------------------------
 
 def _settings(tmp_path: Path, **values: object) -> RegistrySettings:
-    return RegistrySettings.from_env(models=["clf"], backup_path=tmp_path / "backup.json", artifact_cache=tmp_path / "cache",
-                                     redis_url=None, training_api_url=None, mlflow_tracking_uri=None, **values)
+    return settings_for(tmp_path, models=["clf"], **values)
 
 
 def _resolution(version: str, location: str) -> Resolution:
@@ -198,11 +197,7 @@ def _resolution(version: str, location: str) -> Resolution:
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("hf")
-    model, tokenizer = tiny_classifier(seed=3)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_hf_dir(tmp_path_factory.mktemp("hf"), seed=3)
 
 
 def test_one_runner_predicts_from_two_threads_at_once(hf_dir: Path, tmp_path: Path):

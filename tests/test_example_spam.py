@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from tests.helpers import settings_for, wait_for
-from tests.service_proc import ADMIN_TOKEN, REPO, ServiceProcess
+from tests.helpers import service_env, settings_for, wait_for
+from tests.service_proc import REPO, ServiceProcess
 
 pytestmark = [pytest.mark.servers, pytest.mark.e2e, pytest.mark.slow]
 
@@ -27,16 +27,8 @@ def example_trainer():
 
 
 def stack(tmp_path, redis_srv, mlflow_srv, s3_srv, model: str) -> dict[str, str]:
-    return {
-        "REGISTRY_REDIS_URL": f"redis://127.0.0.1:{redis_srv.port}/4",
-        "REGISTRY_CACHE_KEY": f"spam:{model}",
-        "MLFLOW_TRACKING_URI": mlflow_srv.url,
-        "MLFLOW_S3_ENDPOINT_URL": s3_srv.url,
-        "REGISTRY_BACKUP_PATH": str(tmp_path / "model_registry.json"),
-        "REGISTRY_ARTIFACT_CACHE": str(tmp_path / "artifacts"),
-        "REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN,
-        "REGISTRY_ALLOWED_URIS": "models:/,s3://artifacts/",
-    }
+    return service_env(tmp_path, mlflow_srv, s3_srv, REGISTRY_REDIS_URL=f"redis://127.0.0.1:{redis_srv.port}/4",
+                       REGISTRY_CACHE_KEY=f"spam:{model}", REGISTRY_ALLOWED_URIS="models:/,s3://artifacts/")
 
 
 def test_the_sklearn_example_serves_reloads_and_follows(tmp_path, server_logs, redis_srv, mlflow_srv, s3_srv):

@@ -8,7 +8,7 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import dead_url, publish_tiny, settings_for, wait_for
+from tests.helpers import dead_url, publish_tiny, service_env, settings_for, wait_for
 from tests.service_proc import ServiceProcess
 
 pytestmark = [pytest.mark.servers, pytest.mark.e2e, pytest.mark.slow]
@@ -30,13 +30,8 @@ def test_metrics_move_with_resolutions_reloads_and_a_failing_layer(tmp_path, ser
     for seed, version in ((41, "1"), (42, "2")):
         assert publish_tiny(settings, model, seed, f1=0.6).record.version == version
     service = ServiceProcess(server_logs, {
-        "REGISTRY_MODELS": model,
-        "MLFLOW_TRACKING_URI": mlflow_srv.url,
-        "MLFLOW_S3_ENDPOINT_URL": s3_srv.url,
+        **service_env(tmp_path, mlflow_srv, s3_srv, REGISTRY_MODELS=model),
         "REGISTRY_TRAINING_API_URL": dead_url(),  # a layer that always fails
-        "REGISTRY_BACKUP_PATH": str(tmp_path / "model_registry.json"),
-        "REGISTRY_ARTIFACT_CACHE": str(tmp_path / "artifacts"),
-        "REGISTRY_ADMIN_TOKEN": "test-admin-token",
         "REGISTRY_BREAKER_FAILURES": "2",
         "REGISTRY_POLL_INTERVAL": "600",
         "REGISTRY_LOG_FORMAT": "json",

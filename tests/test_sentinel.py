@@ -31,9 +31,9 @@ from registry.redis_client import GZIP_MAGIC, parse_sentinel_url, redis_from_url
 from registry.settings import RegistrySettings
 from registry.signing import PayloadCodec, SignatureError
 from registry.sources.redis_cache import RedisCacheSource
-from tests.helpers import ClassifyLoad, publish_tiny, settings_for, wait_for
+from tests.helpers import ClassifyLoad, publish_tiny, service_env, settings_for, wait_for
 from tests.servers import ManagedServer, redis_replica, redis_sentinel, redis_server
-from tests.service_proc import ADMIN_TOKEN, ServiceProcess
+from tests.service_proc import ServiceProcess
 
 SERVICE = "mymaster"
 PASSWORD = "ha-secret"
@@ -350,19 +350,9 @@ def test_service_keeps_serving_through_a_sentinel_failover(tmp_path, server_logs
     for version, seed in (("1", 31), ("2", 33)):
         assert publish_tiny(publisher, model, seed, f1=0.5 + int(version) / 10).record.version == version
     db, key = 3, f"ha:{model}"
-    env = {
-        "REGISTRY_MODELS": model,
-        "REGISTRY_REDIS_URL": group.url(db),
-        "REGISTRY_CACHE_KEY": key,
-        "REGISTRY_CACHE_COMPRESS_ABOVE": "64",  # every payload of this test is stored gzip'ed
-        "REGISTRY_SIGNING_KEY": SIGNING_KEY,
-        "MLFLOW_TRACKING_URI": mlflow_srv.url,
-        "MLFLOW_S3_ENDPOINT_URL": s3_srv.url,
-        "REGISTRY_BACKUP_PATH": str(tmp_path / "model_registry.json"),
-        "REGISTRY_ARTIFACT_CACHE": str(tmp_path / "artifacts"),
-        "REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN,
-        "REGISTRY_POLL_INTERVAL": "600",
-    }
+    env = service_env(tmp_path, mlflow_srv, s3_srv, REGISTRY_MODELS=model, REGISTRY_REDIS_URL=group.url(db),
+                      REGISTRY_CACHE_KEY=key, REGISTRY_SIGNING_KEY=SIGNING_KEY, REGISTRY_POLL_INTERVAL="600",
+                      REGISTRY_CACHE_COMPRESS_ABOVE="64")  # every payload of this test is stored gzip'ed
     codec = PayloadCodec(SIGNING_KEY)
 
     def cached_on(port: int) -> Optional[RegistryPayload]:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from runners.batching import forward_plan
-from tests.helpers import Tally, publish_tiny, save_hf_dir, settings_for, tiny_predictions, wait_for
+from tests.helpers import Tally, publish_tiny, save_hf_dir, service_env, settings_for, tiny_predictions, wait_for
 from tests.service_proc import ADMIN_TOKEN, ServiceProcess
 from tests.servers import mlflow_server, s3_server
 
@@ -37,18 +37,9 @@ def hf_dir(tmp_path_factory) -> Path:
 
 
 def stack_env(tmp_path: Path, redis_srv, mlflow_srv, training_api_srv, s3_srv, **extra: str) -> dict[str, str]:
-    return {
-        "REGISTRY_MODELS": MODEL,
-        "REGISTRY_REDIS_URL": f"redis://127.0.0.1:{redis_srv.port}/2",
-        "REGISTRY_CACHE_KEY": f"e2e:{tmp_path.name}",
-        "REGISTRY_TRAINING_API_URL": training_api_srv.url,
-        "MLFLOW_TRACKING_URI": mlflow_srv.url,
-        "MLFLOW_S3_ENDPOINT_URL": s3_srv.url,
-        "REGISTRY_BACKUP_PATH": str(tmp_path / "model_registry.json"),
-        "REGISTRY_ARTIFACT_CACHE": str(tmp_path / "artifacts"),
-        "REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN,
-        **extra,
-    }
+    return service_env(tmp_path, mlflow_srv, s3_srv, REGISTRY_MODELS=MODEL,
+                       REGISTRY_REDIS_URL=f"redis://127.0.0.1:{redis_srv.port}/2", REGISTRY_CACHE_KEY=f"e2e:{tmp_path.name}",
+                       REGISTRY_TRAINING_API_URL=training_api_srv.url, **extra)
 
 
 def assert_answer(response, version: str, published) -> None:
