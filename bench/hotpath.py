@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import httpx
@@ -32,6 +31,7 @@ from bench.demo_model import text_mix
 from bench.lab import Lab, get_json, rss_mib
 from bench.load import LoadResult, run_load
 from bench.report import AreaReport
+from registry.settings import RegistrySettings
 
 LEVELS = (1, 8, 32)
 RAW_BATCHES = (1, 8, 16, 32)
@@ -40,25 +40,24 @@ RAW_THREADS = (1, 2)
 RAW_LANES = 2
 #: (torch threads, batch or window, batching mode, lanes)
 Config = tuple[int, int, str, int]
-#: The service's batching: the batcher gathers up to this many texts, the runner splits them into length groups of at most 8.
-SERVICE_WINDOW, SERVICE_GROUP = 32, 8
+#: The service's batching, its defaults: the batcher gathers up to this many texts, the runner splits them into length groups.
+SERVICE_WINDOW = RegistrySettings.model_fields["batch_max_texts"].default
+SERVICE_GROUP = RegistrySettings.model_fields["forward_batch_size"].default
 
 
 class RawModel:
     """The registered artifact as plain transformers objects: tokenize + forward, nothing of the runner."""
 
     def __init__(self, lab: Lab):
-        import yaml
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from runners.artifacts import ArtifactStore
+        from bench.peers import artifact_dirs
+        from runners.runner import _max_length
 
-        demo = lab.demo()
-        path = Path(ArtifactStore(demo.settings()).fetch(demo.records["1"]))  # the warm artifact cache
-        flavor = yaml.safe_load((path / "MLmodel").read_text())["flavors"]["transformers"]
-        self.tokenizer = AutoTokenizer.from_pretrained(path / "components" / "tokenizer")
-        self.model = AutoModelForSequenceClassification.from_pretrained(path / str(flavor.get("model_binary", "model"))).eval()
-        self.max_length = min(int(getattr(self.tokenizer, "model_max_length", 512) or 512), 512)
+        model_dir, tokenizer_dir = artifact_dirs(lab)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        self.max_length = _max_length(self.tokenizer)
         self.labels = self.model.config.id2label
 
     def predict(self, texts: list[str]) -> list[str]:
@@ -86,8 +85,8 @@ class RawModel:
         return out
 
 
-def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int, configs: Optional[list[Config]] = None,
-                raw: Optional[RawModel] = None, results: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def raw_ceiling(raw: RawModel, texts: list[str], seconds: float, trials: int, configs: Optional[list[Config]] = None,
+                results: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """texts/s of the plain model in this process per torch threads, batching and lanes, best of `trials`.
 
     The raw model is the artifact loaded with transformers directly, so the ceiling does not move
@@ -97,13 +96,12 @@ def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int, configs
     lengths, padded to the longest), sorted by length (little padding), and as the service groups
     them (windows in mix order, length groups of at most 8), on one thread or, like the service's
     forward lanes, on several Python threads at once over one copy of the model. The ceiling is the
-    best of all. `configs`, `raw` and `results` let a later call add trials to the same table.
+    best of all. `configs` and `results` let a later call add trials to the same table.
     """
     import threading
 
     import torch
 
-    raw = raw or RawModel(lab)
     previous = torch.get_num_threads()
     ordered = sorted(texts, key=len)
     configs = configs or ([(t, b, "mixed", 1) for t in RAW_THREADS for b in RAW_BATCHES]
@@ -150,7 +148,7 @@ def raw_ceiling(lab: Lab, texts: list[str], seconds: float, trials: int, configs
         labels = raw.predict(texts)
     finally:
         torch.set_num_threads(previous)
-    return {"runs": results, "labels": labels, "model": raw}
+    return {"runs": results, "labels": labels}
 
 
 def best(runs: dict[str, Any], threads: Optional[int] = None, mode: Optional[str] = None, lanes: Optional[int] = None) -> dict[str, Any]:
@@ -204,7 +202,8 @@ def run(lab: Lab, quick: bool) -> AreaReport:
     # --quick: the configurations that won before, and no peers but mlflow (each start costs 20-40 s here).
     quick_configs = [(1, 8, "mixed", 1), (1, 8, "sorted", 1), (1, SERVICE_WINDOW, "grouped", 1), (2, SERVICE_WINDOW, "grouped", 1),
                      (1, SERVICE_WINDOW // RAW_LANES, "grouped", RAW_LANES)]
-    raw = raw_ceiling(lab, texts, raw_s, trials, configs=quick_configs if quick else None)
+    raw_model = RawModel(lab)
+    raw = raw_ceiling(raw_model, texts, raw_s, trials, configs=quick_configs if quick else None)
     runs = raw["runs"]
 
     # Every server up at once, levels interleaved (each subject in turn, per level): drift in the
@@ -221,8 +220,8 @@ def run(lab: Lab, quick: bool) -> AreaReport:
     if quick:
         skipped.update({name: "full runs only (--quick skips it)" for name in starts})
         starts = {}
-    elif peer_mod.mlserver_ready():
-        lab.say(f"[bench] {peer_mod.mlserver_ready()}: building it now (pip, a few minutes, once)")
+    elif missing := peer_mod.mlserver_missing():
+        lab.say(f"[bench] {missing}: building it now (pip, a few minutes, once)")
         try:
             peer_mod.build_mlserver()
         except Exception as exc:  # no package index: MLServer is reported as not measured, the rest still runs
@@ -286,8 +285,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         # The ceiling again, now, for its best configurations: other work on the machine moves during a run,
         # and a ceiling measured only before the servers started could be lower than what the service then reached.
         top = sorted(runs.values(), key=lambda r: r["texts_per_s"], reverse=True)[:3]
-        raw_ceiling(lab, texts, raw_s, 1, configs=[(r["threads"], r["batch"], r["mode"], r["lanes"]) for r in top], raw=raw["model"],
-                    results=runs)
+        raw_ceiling(raw_model, texts, raw_s, 1, configs=[(r["threads"], r["batch"], r["mode"], r["lanes"]) for r in top], results=runs)
         for name, proc in (("service", svc.proc), ("service-int8", int8.proc), ("service-2-workers", svc2.proc),
                            ("service-1-lane", lane1.proc), ("mlflow", mls.proc),
                            *((n, p.server.proc) for n, p in peers.items())):

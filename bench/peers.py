@@ -60,13 +60,12 @@ class Peer:
 
 def artifact_dirs(lab: Lab) -> tuple[Path, Path]:
     """(weights dir, tokenizer dir) of the demo model's version 1 in the warm artifact cache."""
-    import yaml
-
     from runners.artifacts import ArtifactStore
+    from runners.forms import read_mlmodel
 
     demo = lab.demo()
-    path = Path(ArtifactStore(demo.settings()).fetch(demo.records["1"]))
-    flavor = yaml.safe_load((path / "MLmodel").read_text())["flavors"]["transformers"]
+    path = Path(ArtifactStore(demo.settings()).fetch(demo.records["1"]))  # the warm artifact cache
+    flavor = read_mlmodel(path)["flavors"]["transformers"]
     return path / str(flavor.get("model_binary", "model")), path / "components" / "tokenizer"
 
 
@@ -84,7 +83,7 @@ def bentoml_batchable(lab: Lab, max_batch: int = 8, threads: int = 1) -> Peer:
                 lambda answer: answer[0]["label"])
 
 
-def mlserver_ready() -> Optional[str]:
+def mlserver_missing() -> Optional[str]:
     """None when MLServer's environment is built, else why not."""
     binary = MLSERVER_VENV / "bin" / "mlserver"
     if not binary.exists():
@@ -135,4 +134,4 @@ def mlserver(lab: Lab, threads: int = 1) -> Peer:
 if __name__ == "__main__":
     if "--build-mlserver" in sys.argv:
         build_mlserver()
-        print(mlserver_ready() or f"MLServer environment ready at {MLSERVER_VENV}")
+        print(mlserver_missing() or f"MLServer environment ready at {MLSERVER_VENV}")

@@ -16,7 +16,6 @@ prints go to stderr). Exit codes: 0 ok, 1 the registry disagrees or something is
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Optional
 
 import click
@@ -233,6 +232,3 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 __all__ = ["cli", "main", "Problem"]
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -51,15 +51,12 @@ def _quiet_logger(name: str) -> Iterator[None]:
 
 def _cached_digest(settings: RegistrySettings, record: ModelRecord) -> Optional[str]:
     """The digest of the local artifact cache's entry for this record, None when it holds none."""
-    from runners.artifacts import ARTIFACT_DIR, COMPLETE_MARKER
+    from runners.artifacts import ArtifactStore
 
-    entry = Path(settings.artifact_cache) / record.name / record.version / str(record.sha256)
-    if not (entry / COMPLETE_MARKER).is_file() or not (entry / ARTIFACT_DIR).is_dir():
+    if not record.sha256:
         return None
-    try:
-        return tree_sha256(entry / ARTIFACT_DIR)
-    except (OSError, ValueError) as exc:
-        return f"unreadable ({exc})"
+    artifact = ArtifactStore.complete_artifact(ArtifactStore(settings).entry_dir(record))
+    return None if artifact is None else ArtifactStore.digest(artifact)
 
 
 def check_entry(settings: RegistrySettings, record: ModelRecord, download: bool) -> dict[str, Any]:

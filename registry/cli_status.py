@@ -147,14 +147,14 @@ def collect(settings: RegistrySettings, names: list[str], service: Optional[str]
     selectors = selectors_for(settings)
     problems = [{"layer": lid, "reason": f"{info['state']}: {info['error']}"} for lid, info in layers.items()
                 if info["state"] in ("unreachable", "rejected")]
-    models = {name: _model(name, selectors, authority, payloads, layers, served if service else None, settings.alias, problems)
+    models = {name: _model(name, settings.registered_name(name), selectors, authority, payloads, layers, served if service else None, settings.alias, problems)
               for name in wanted}
     disagreements = [d for m in models.values() for d in m["disagreements"]]
     return {"ok": not disagreements and not problems, "selectors": selectors, "layers": layers, "models": models,
             "disagreements": disagreements, "problems": problems}
 
 
-def _model(name: str, selectors: list[str], authority: Optional[RegistryPayload], payloads: dict[str, Optional[RegistryPayload]],
+def _model(name: str, registered_name: str, selectors: list[str], authority: Optional[RegistryPayload], payloads: dict[str, Optional[RegistryPayload]],
            layers: dict[str, dict[str, Any]], served: Optional[dict[str, Any]], default_selector: str,
            problems: list[dict[str, Any]]) -> dict[str, Any]:
     auth = authority.section(name, source="mlflow") if authority is not None else None
@@ -188,7 +188,7 @@ def _model(name: str, selectors: list[str], authority: Optional[RegistryPayload]
         rows["service"] = _service_row(name, served.get(name), auth, authority is not None, layers["service"]["state"],
                                        default_selector, disagreements, problems)
     order = ["redis", "training_api", "mlflow", "file", "service"]
-    return {"registered_name": None, "layers": {k: rows[k] for k in order if k in rows}, "disagreements": disagreements}
+    return {"registered_name": registered_name, "layers": {k: rows[k] for k in order if k in rows}, "disagreements": disagreements}
 
 
 def _service_row(name: str, body: Any, auth: Optional[ModelSection], compare: bool, state: str, default_selector: str,
@@ -322,8 +322,6 @@ def status(out: Output, service: Optional[str], models: tuple[str, ...], timeout
     names = check_names(models)
     with quiet_stdout():
         data = collect(settings, names, service, timeout)
-    for name in data["models"]:
-        data["models"][name]["registered_name"] = settings.registered_name(name)
     out.done(data, lambda console: render(data, console), OK if data["ok"] else UNHEALTHY)
 
 

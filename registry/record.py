@@ -192,5 +192,9 @@ class Resolution:
     def trail_dicts(self) -> list[dict[str, Any]]:
         return [a.to_dict() for a in self.trail]
 
+    def stale_for(self, now: float) -> float:
+        """Seconds this record has been served from memory without a layer vouching for it (0 when fresh)."""
+        return max(0.0, now - self.fetched_at) if self.stale and self.fetched_at else 0.0
+
     def freshness(self, now: float) -> dict[str, Any]:
         return {"stale": self.stale, "age_s": round(max(0.0, now - self.fetched_at), 1) if self.fetched_at else None}

@@ -13,6 +13,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from registry.errors import SettingsError
 
 ENV_PREFIX = "REGISTRY_"
+#: Values of `REGISTRY_ACCELERATE`: those that ask for nothing, and the accelerations runners/accelerate.py builds.
+EAGER_EXECUTION = ("", "none", "eager")
+ACCELERATIONS = ("int8",)
 
 
 _SECRETS = frozenset({"admin_token", "signing_key", "webhook_secret"})
@@ -210,7 +213,7 @@ class RegistrySettings(BaseSettings):
     cache_compress_above: int = Field(0, ge=0)
     """Bytes above which the Redis cache value is gzip'ed (signed JSON, then gzip); 0 = never. Readers detect it."""
 
-    accelerate: str = Field("none", pattern="^(|none|eager|int8)$")
+    accelerate: str = Field("none", pattern=f"^({'|'.join(EAGER_EXECUTION + ACCELERATIONS)})$")
     """Opt-in faster execution of a transformers model: `int8` (dynamic quantization of its Linear layers).
     Serves only after agreeing with the eager model at load (gate set, else warm-up texts); else eager serves."""
 

@@ -20,11 +20,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
+from registry.settings import ACCELERATIONS
+
 logger = logging.getLogger(__name__)
 
-#: Values of `REGISTRY_ACCELERATE` that ask for nothing.
-EAGER = ("", "none", "eager")
-KINDS = ("int8",)
 
 Forward = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -113,8 +112,8 @@ def accelerate(kind: str, module: Optional[torch.nn.Module], eager: Forward,
     Raises:
         AccelerationRefused: it cannot be built or does not agree; the message says why.
     """
-    if kind not in KINDS:
-        raise AccelerationRefused(f"unknown acceleration {kind!r} (known: {', '.join(KINDS)})")
+    if kind not in ACCELERATIONS:
+        raise AccelerationRefused(f"unknown acceleration {kind!r} (known: {', '.join(ACCELERATIONS)})")
     if module is None:
         raise AccelerationRefused("this artifact form has no eager torch module to quantize (exported programs are not)")
     device = next((p.device for p in module.parameters()), torch.device("cpu"))

@@ -70,14 +70,13 @@ class ArtifactStore:
             return self._fallback_location(record)
         if not _SAFE_NAME_RE.match(record.name):
             raise ArtifactError(record.location, f"model name {record.name!r} cannot name a cache directory")
-        key = record.sha256 or UNVERIFIED
-        version_dir = self.root / record.name / record.version
-        entry = version_dir / key
+        entry = self.entry_dir(record)
+        version_dir = entry.parent
         try:
             version_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ArtifactError(record.location, f"cannot create artifact cache {version_dir}: {exc}") from exc
-        with self._locked(version_dir / f".{key}.lock", record):
+        with self._locked(version_dir / f".{entry.name}.lock", record):
             cached = self._cached(record, entry)
             if cached is not None:
                 return cached
@@ -103,18 +102,33 @@ class ArtifactStore:
         # Waits while another process or worker fetches the same entry; it then finds the cache filled.
         return locked(lock_path, FETCH_LOCK_TIMEOUT, lambda reason: ArtifactError(record.location, reason))
 
-    def _cached(self, record: ModelRecord, entry: Path) -> Optional[Path]:
+    def entry_dir(self, record: ModelRecord) -> Path:
+        """Where the cache keeps a record's artifact: by name, version and digest."""
+        return self.root / record.name / record.version / (record.sha256 or UNVERIFIED)
+
+    @staticmethod
+    def complete_artifact(entry: Path) -> Optional[Path]:
+        """The artifact directory of a cache entry whose download completed, else None."""
         artifact = entry / ARTIFACT_DIR
-        if not (entry / COMPLETE_MARKER).is_file() or not artifact.is_dir():
+        return artifact if (entry / COMPLETE_MARKER).is_file() and artifact.is_dir() else None
+
+    @staticmethod
+    def digest(artifact: Path) -> str:
+        """The artifact's tree digest, or why it could not be read (never equal to a real digest)."""
+        try:
+            return tree_sha256(artifact)
+        except (OSError, ValueError) as exc:
+            return f"unreadable ({exc})"
+
+    def _cached(self, record: ModelRecord, entry: Path) -> Optional[Path]:
+        artifact = self.complete_artifact(entry)
+        if artifact is None:
             if entry.exists():
                 logger.warning("[HYBRID] removing incomplete cache entry %s", entry)
                 shutil.rmtree(entry, ignore_errors=True)
             return None
         if record.sha256:
-            try:
-                actual = tree_sha256(artifact)
-            except (OSError, ValueError) as exc:
-                actual = f"unreadable ({exc})"
+            actual = self.digest(artifact)
             if actual != record.sha256:
                 logger.warning("[HYBRID] cached %s v%s fails its digest (got %s); fetching again", record.name, record.version, actual)
                 shutil.rmtree(entry, ignore_errors=True)

@@ -153,10 +153,6 @@ class ModelHost:
         """
         return self.manager.get(name)
 
-    def ready(self) -> bool:
-        """This worker has loaded every model."""
-        return self.manager.ready()
-
     def replica_ready(self) -> tuple[bool, str]:
         """Every live worker of this replica has loaded every model (what `/readyz` answers).
 

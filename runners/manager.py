@@ -252,8 +252,7 @@ class ModelManager:
         previous = self._served.get(name)
         self._served[name] = current
         serving_changed(name, previous, current)
-        stale_for = time.time() - current.resolution.fetched_at if current.resolution.stale and current.resolution.fetched_at else 0.0
-        metrics().staleness.labels(name).set(stale_for)
+        metrics().staleness.labels(name).set(current.resolution.stale_for(time.time()))
 
     def _note_error(self, name: str, reason: str) -> None:
         if name not in self._served:
@@ -343,7 +342,7 @@ class ModelManager:
         for name, served in list(self._served.items()):
             if not served.resolution.stale:
                 continue
-            metrics().staleness.labels(name).set(time.time() - served.resolution.fetched_at)
+            metrics().staleness.labels(name).set(served.resolution.stale_for(time.time()))
             try:
                 fresh = self.resolver.resolve(name, served.resolution.selector)
             except ModelNotResolvable:

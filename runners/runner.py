@@ -25,7 +25,7 @@ import torch
 
 from registry.errors import ArtifactError
 from registry.record import ModelRecord
-from registry.settings import RegistrySettings
+from registry.settings import EAGER_EXECUTION, RegistrySettings
 from runners.artifacts import ArtifactStore
 from runners.forms import (  # noqa: F401 - the forms are part of this module's API
     FORM_HUGGINGFACE,
@@ -261,9 +261,9 @@ class TextClassificationRunner:
         """
         from runners import accelerate
 
-        requested = (self.settings.accelerate or "").strip().lower()
+        requested = self.settings.accelerate  # one of the values the settings accept
         self.execution, self.accelerate_info = "eager", None
-        if requested in accelerate.EAGER:
+        if requested in EAGER_EXECUTION:
             return
         texts, source = accelerate.parity_texts(self.record.name, self.settings.gate.get(self.record.name), _WARMUP_TEXTS)
         step = self.settings.forward_batch_size

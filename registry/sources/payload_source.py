@@ -27,12 +27,18 @@ class PayloadSource(RegistrySource):
         self._parsed: Optional[tuple[bytes, RegistryPayload, dict[str, Optional[ModelSection]]]] = None
 
     def decode(self, raw: bytes, where: str) -> RegistryPayload:
+        """The payload of a stored value (remembered by the stored bytes: unpacked and parsed once)."""
         parsed = self._parsed
         if parsed is not None and parsed[0] == raw:
             return parsed[1]
-        payload = self.codec.decode(raw, where)
+        payload = self.codec.decode(self._unpack(raw, where), where)
         self._parsed = (bytes(raw), payload, {})
         return payload
+
+    @staticmethod
+    def _unpack(raw: bytes, where: str) -> bytes:
+        """The payload text of a stored value; a layer that stores it otherwise (gzip) says how to read it."""
+        return raw
 
     def _section(self, payload: RegistryPayload, name: str) -> Optional[ModelSection]:
         parsed = self._parsed

@@ -10,7 +10,7 @@ from redis.retry import Retry
 
 from registry.errors import PayloadError, SourceUnavailable
 from registry.payload import ModelSection, RegistryPayload
-from registry.redis_client import is_compressed, pack_value, redis_from_url, unpack_value
+from registry.redis_client import pack_value, redis_from_url, unpack_value
 from registry.settings import RegistrySettings
 from registry.signing import PayloadCodec
 from registry.sources.payload_source import PayloadSource
@@ -29,7 +29,6 @@ class RedisCacheSource(PayloadSource):
         self.key = key
         self.ttl = ttl
         self.compress_above = compress_above
-        self._inflated: Optional[tuple[bytes, bytes]] = None  # the last compressed value read, and its text
         # A plain server or a Sentinel-managed master (registry.redis_client); SettingsError for a bad URL.
         self.client = redis_from_url(url, timeout=timeout, retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1))
 
@@ -44,16 +43,8 @@ class RedisCacheSource(PayloadSource):
         """Signed JSON, gzip'ed above `compress_above` bytes: the signature covers the JSON, not the gzip."""
         return pack_value(self.codec.encode(payload), self.compress_above)
 
-    def _text(self, raw: bytes, where: str) -> bytes:
-        """The JSON text of a stored value, compressed or not (whatever this writer's own setting)."""
-        if not is_compressed(raw):
-            return raw
-        inflated = self._inflated
-        if inflated is not None and inflated[0] == raw:
-            return inflated[1]
-        text = unpack_value(raw, where)
-        self._inflated = (bytes(raw), text)
-        return text
+    #: A stored value may be gzip'ed, whatever this writer's own setting.
+    _unpack = staticmethod(unpack_value)
 
     def load_payload(self) -> Optional[RegistryPayload]:
         try:
@@ -63,7 +54,7 @@ class RedisCacheSource(PayloadSource):
         if raw is None:
             return None
         where = f"redis key {self.key!r}"
-        return self.decode(self._text(raw, where), where=where)
+        return self.decode(raw, where=where)
 
     def store_section(self, section: ModelSection, *, replace: bool = False) -> None:
         """Merge one model's section into the cached payload, atomically (WATCH/MULTI, retried by redis-py).
