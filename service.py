@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import bentoml
 
-from pydantic import BaseModel, Field, StrictStr
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.responses import JSONResponse
 
@@ -52,14 +52,7 @@ class ClassifierLimits(BaseSettings):
         return load_settings(cls)
 
 
-class ClassifyRequest(BaseModel):
-    """Body of POST /classify, checked before BentoML sees it (a clear 400 naming the field)."""
-
-    texts: list[StrictStr]
-    model: Optional[StrictStr] = None
-
-
-@registry_admin(json_routes=("/classify",), schemas={"/classify": ClassifyRequest})
+@registry_admin(json_routes=("/classify",))  # the body is checked against classify's signature first
 @bentoml.service(
     name="security_classifier",
     # BentoML reads `workers` when this module is imported (and freezes it into a bento at build

@@ -231,16 +231,15 @@ def _schema_problem(schema: type[BaseModel], body: bytes) -> Optional[dict[str, 
     return None
 
 
-def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = (),
-                   schemas: Optional[dict[str, type[BaseModel]]] = None) -> Any:
+def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = ()) -> Any:
     """Give a BentoML service the registry's admin routes and its hosts' lifecycle.
 
     Apply it above `@bentoml.service` (or call it on a service object). `json_routes`: the
-    service's own JSON API routes that should answer 415 to a non-JSON body, as `/reload` does;
-    `schemas`: route -> pydantic model its body must match (else 400 naming the field).
+    service's own JSON API routes that should answer 415 to a non-JSON body, as `/reload` does,
+    and 400 naming the field to a body that does not match the API's signature.
     """
     if service is None:
-        return functools.partial(registry_admin, json_routes=json_routes, schemas=schemas)
+        return functools.partial(registry_admin, json_routes=json_routes)
     import bentoml
 
     cls = getattr(service, "inner", service)
@@ -279,5 +278,7 @@ def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = (),
     cls._stop_registry_hosts = _stop_registry_hosts
     bentoml.asgi_app(admin_app(), path="/")(service)
     if hasattr(service, "add_asgi_middleware"):
+        # A JSON API's body is checked against the model BentoML builds from the API's signature.
+        schemas = {api.route: api.input_spec for api in getattr(service, "apis", {}).values() if api.route in json_routes}
         service.add_asgi_middleware(JSONOnly, routes=("/reload", *json_routes), schemas=schemas)
     return service

@@ -172,7 +172,9 @@ def test_lost_event_is_caught_by_the_poll_and_deleted_versions_are_final(tmp_pat
         for service in (first, second):
             wait_for(lambda s=service: served_version(s) == "2", 60, f"{service.url} to follow the poll to version 2")
         # Neither a webhook nor the bus told them: the rollout was the poll's (one replica polled, the bus told the other).
-        assert any(f"[HYBRID] poll {model}: version 2" in s.log_path.read_text() for s in (first, second))
+        # The rolling-out worker logs once the others acknowledged, which can be after both serve it.
+        wait_for(lambda: any(f"[HYBRID] poll {model}: version 2" in s.log_path.read_text() for s in (first, second)), 30,
+                 "the poll's rollout of version 2 in a replica's log")
 
         MlflowClient(tracking_uri=mlflow_srv.url, registry_uri=mlflow_srv.url).delete_model_version(PREFIX + model, "2")  # MLflow has no event for this
         for service in (first, second):

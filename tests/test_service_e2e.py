@@ -37,9 +37,9 @@ def hf_dir(tmp_path_factory) -> Path:
 
 
 def stack_env(tmp_path: Path, redis_srv, mlflow_srv, training_api_srv, s3_srv, **extra: str) -> dict[str, str]:
-    return service_env(tmp_path, mlflow_srv, s3_srv, REGISTRY_MODELS=MODEL,
-                       REGISTRY_REDIS_URL=f"redis://127.0.0.1:{redis_srv.port}/2", REGISTRY_CACHE_KEY=f"e2e:{tmp_path.name}",
-                       REGISTRY_TRAINING_API_URL=training_api_srv.url, **extra)
+    return service_env(tmp_path, mlflow_srv, s3_srv, **{
+        "REGISTRY_MODELS": MODEL, "REGISTRY_REDIS_URL": f"redis://127.0.0.1:{redis_srv.port}/2",
+        "REGISTRY_CACHE_KEY": f"e2e:{tmp_path.name}", "REGISTRY_TRAINING_API_URL": training_api_srv.url, **extra})
 
 
 def assert_answer(response, version: str, published) -> None:
