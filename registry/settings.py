@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from registry.errors import SettingsError
@@ -16,6 +16,12 @@ ENV_PREFIX = "REGISTRY_"
 #: Values of `REGISTRY_ACCELERATE`: those that ask for nothing, and the accelerations runners/accelerate.py builds.
 EAGER_EXECUTION = ("", "none", "eager")
 ACCELERATIONS = ("int8",)
+#: Values of `REGISTRY_LONG_TEXT`: how a text longer than the model's window is read (runners/windows.py).
+LONG_TEXT_MODES = ("windows", "truncate", "head_tail")
+#: Longest input handed to a model, whatever its tokenizer claims (tokens, special tokens included).
+MAX_WINDOW_TOKENS = 512
+#: Labels that count as benign when `REGISTRY_POSITIVE_LABELS` is unset (compared case-insensitively).
+BENIGN_LABELS = ("SAFE", "BENIGN", "LEGITIMATE", "LEGIT", "HAM", "CLEAN", "NORMAL", "NEGATIVE", "OK")
 
 
 _SECRETS = frozenset({"admin_token", "signing_key", "webhook_secret"})
@@ -159,13 +165,13 @@ class RegistrySettings(BaseSettings):
 
     forward_batch_size: int = Field(8, ge=1, validation_alias=AliasChoices(
         "REGISTRY_FORWARD_BATCH_SIZE", "REGISTRY_MAX_BATCH_SIZE", "forward_batch_size", "max_batch_size"))
-    """Most texts in one forward pass (texts of similar length are grouped; on CPU small groups win).
-    `REGISTRY_MAX_BATCH_SIZE`, its former name, is still read."""
+    """Most model inputs in one forward pass (texts and the windows of long texts; inputs of similar length
+    are grouped; on CPU small groups win). `REGISTRY_MAX_BATCH_SIZE`, its former name, is still read."""
 
     batch_max_texts: int = Field(32, ge=1, validation_alias=AliasChoices(
         "REGISTRY_BATCH_MAX_TEXTS", "REGISTRY_BATCH_WINDOW", "batch_max_texts", "batch_window"))
-    """Most texts the batcher gathers from queued requests at once, before grouping them by length.
-    `REGISTRY_BATCH_WINDOW`, its former name, is still read."""
+    """Most texts the batcher gathers from queued requests at once, before grouping them by length; a long
+    text counts as the windows it will be read in. `REGISTRY_BATCH_WINDOW`, its former name, is still read."""
 
     forward_threads: Optional[int] = Field(None, ge=1)
     """Forward passes a worker runs at once, each on its own batch, all on one copy of the model.
@@ -220,8 +226,29 @@ class RegistrySettings(BaseSettings):
     accelerate_max_diff: float = Field(0.05, ge=0)
     """Largest class-probability difference from the eager model the `REGISTRY_ACCELERATE` parity check allows."""
 
+    long_text: str = "windows"
+    """How a text longer than the model's window is read. `windows` (default): all of it, in overlapping
+    windows, each classified; the text's answer is the window scoring highest on a positive label.
+    `truncate`: its first window only. `head_tail`: its first quarter-window and the rest from its end.
+    Every answer says what was read (`windows`, `span`, `truncated`)."""
+
+    window_tokens: Optional[int] = Field(None, ge=8, le=MAX_WINDOW_TOKENS)
+    """Tokens in one window, special tokens included. Unset: the model's own limit (its tokenizer's
+    `model_max_length`), at most 512. A value above a model's limit is lowered to it."""
+
+    window_stride: Optional[int] = Field(None, ge=1)
+    """Tokens from one window's start to the next (less than the window, so windows overlap by the rest).
+    Unset: three quarters of the window's text tokens."""
+
+    positive_labels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Labels (comma-separated) whose probability makes a window win in `windows` mode, e.g.
+    `INJECTION,PHISHING`. Unset: every label of the model but the benign ones."""
+
+    benign_labels: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(BENIGN_LABELS))
+    """Labels (comma-separated, any case) that are not positive when `REGISTRY_POSITIVE_LABELS` is unset."""
+
     @field_validator("redis_url", "training_api_url", "mlflow_tracking_uri", "admin_token", "signing_key", "reload_dir",
-                     "webhook_secret", mode="before")
+                     "webhook_secret", "window_tokens", "window_stride", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # A variable declared but left empty (bento `envs`, compose files) means "not set".
@@ -232,7 +259,7 @@ class RegistrySettings(BaseSettings):
     def _auto(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.strip().lower() in ("", "auto") else value
 
-    @field_validator("models", "allowed_uris", mode="before")
+    @field_validator("models", "allowed_uris", "positive_labels", "benign_labels", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -250,6 +277,22 @@ class RegistrySettings(BaseSettings):
             parse_sentinel_url(value)  # raises SettingsError naming REGISTRY_REDIS_URL, password hidden
         elif value.split("://", 1)[0].lower() not in ("redis", "rediss", "unix"):
             raise ValueError("use redis://, rediss://, unix:// or redis+sentinel:// (rediss+sentinel://)")
+        return value
+
+    @field_validator("long_text")
+    @classmethod
+    def _long_text_mode(cls, value: str) -> str:
+        if value.strip().lower() not in LONG_TEXT_MODES:
+            raise ValueError(f"use one of {', '.join(LONG_TEXT_MODES)}")
+        return value.strip().lower()
+
+    @field_validator("window_stride")
+    @classmethod
+    def _stride_below_window(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        window = info.data.get("window_tokens") or MAX_WINDOW_TOKENS
+        if value is not None and value >= window:
+            raise ValueError(f"must be less than the window ({window} tokens{'' if info.data.get('window_tokens') else ', the most a window holds'}),"
+                             " so that windows overlap")
         return value
 
     @field_validator("models")

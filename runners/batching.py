@@ -61,26 +61,32 @@ def forward_plan(lanes: Optional[int], torch_threads: Optional[int], *, workers:
 
 
 class MicroBatcher:
-    """Groups concurrent requests into forward passes of at most `max_texts` texts, `lanes` passes at once."""
+    """Groups concurrent requests into forward passes of at most `max_texts` texts, `lanes` passes at once.
+
+    `weigh(texts)` says what a request costs in those units when a text is not one model input (a
+    long text read in several windows counts as its windows); default: one a text.
+    """
 
     def __init__(self, predict: Callable[[list[str]], list[dict[str, Any]]], executor: Executor, *,
-                 max_texts: int, wait_ms: float = 0.0, lanes: int = 1):
+                 max_texts: int, wait_ms: float = 0.0, lanes: int = 1,
+                 weigh: Optional[Callable[[list[str]], int]] = None):
         self._predict = predict
+        self._weigh = weigh or len
         self._executor = executor
         self.max_texts = max_texts
         self.wait_s = wait_ms / 1000.0
         self.lanes = max(1, lanes)
-        self._pending: deque[tuple[list[str], asyncio.Future]] = deque()
+        self._pending: deque[tuple[list[str], asyncio.Future, int]] = deque()  # texts, answer, cost
         self._draining = 0  # lanes with a drain task
         self._tasks: set[asyncio.Task] = set()
-        self._in_flight = 0  # texts inside forward passes
+        self._in_flight = 0  # cost of the texts inside forward passes
         self.batches = 0
         self.texts = 0
 
     async def predict(self, texts: list[str]) -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
-        self._pending.append((texts, future))
+        self._pending.append((texts, future, max(1, self._weigh(texts))))
         if self._draining < self.lanes:
             self._draining += 1
             task = loop.create_task(self._drain())
@@ -94,7 +100,7 @@ class MicroBatcher:
             self._tasks.discard(task)
             self._draining -= 1
 
-    def _take(self) -> list[tuple[list[str], asyncio.Future]]:
+    def _take(self) -> list[tuple[list[str], asyncio.Future, int]]:
         """At least one request; more while they fit in one batch (a big request goes alone).
 
         With several lanes, a lane takes at most its even share of all outstanding texts (queued
@@ -104,14 +110,13 @@ class MicroBatcher:
         """
         limit = self.max_texts
         if self.lanes > 1:
-            queued = sum(len(texts) for texts, _ in self._pending)
+            queued = sum(cost for _, _, cost in self._pending)
             limit = min(limit, max(1, -(-(queued + self._in_flight) // self.lanes)))
         batch = [self._pending.popleft()]
-        size = len(batch[0][0])
-        while self._pending and size + len(self._pending[0][0]) <= limit:
-            texts, future = self._pending.popleft()
-            batch.append((texts, future))
-            size += len(texts)
+        size = batch[0][2]
+        while self._pending and size + self._pending[0][2] <= limit:
+            batch.append(self._pending.popleft())
+            size += batch[-1][2]
         return batch
 
     async def _drain(self) -> None:
@@ -122,31 +127,32 @@ class MicroBatcher:
                     await asyncio.sleep(self.wait_s)
                     if not self._pending:
                         break
-                batch = [(t, f) for t, f in self._take() if not f.cancelled()]
+                batch = [(t, f, c) for t, f, c in self._take() if not f.cancelled()]
                 if not batch:
                     continue
-                flat = [text for texts, _ in batch for text in texts]
-                self._in_flight += len(flat)
+                flat = [text for texts, _, _ in batch for text in texts]
+                cost = sum(c for _, _, c in batch)
+                self._in_flight += cost
                 try:
                     results = await loop.run_in_executor(self._executor, self._predict, flat)
                     if not isinstance(results, list) or len(results) != len(flat):
                         raise RuntimeError(f"the model answered {len(results) if isinstance(results, list) else type(results).__name__}"
                                            f" for {len(flat)} inputs")
                 except asyncio.CancelledError:  # the loop is closing: nobody waits for these answers
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         future.cancel()
                     raise
                 except Exception as exc:  # the error belongs to every request of the batch
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
                 finally:
-                    self._in_flight -= len(flat)
+                    self._in_flight -= cost
                 self.batches += 1
                 self.texts += len(flat)
                 offset = 0
-                for texts, future in batch:
+                for texts, future, _ in batch:
                     if not future.done():
                         future.set_result(results[offset:offset + len(texts)])
                     offset += len(texts)

@@ -162,7 +162,7 @@ class ModelManager:
         # A runner that does not say its predict may run in several threads at once gets one lane.
         lanes = self.lanes if getattr(runner, "thread_safe", False) else 1
         batcher = MicroBatcher(runner.predict, self.executor, max_texts=self.settings.batch_max_texts,
-                               wait_ms=self.settings.batch_wait_ms, lanes=lanes)
+                               wait_ms=self.settings.batch_wait_ms, lanes=lanes, weigh=getattr(runner, "weigh", None))
         return ServedModel(runner=runner, resolution=resolution, batcher=batcher)
 
     def activate(self, name: str, selector: Selector | str, *, resolution: Optional[Resolution] = None,

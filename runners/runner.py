@@ -25,7 +25,7 @@ import torch
 
 from registry.errors import ArtifactError
 from registry.record import ModelRecord
-from registry.settings import EAGER_EXECUTION, RegistrySettings
+from registry.settings import EAGER_EXECUTION, MAX_WINDOW_TOKENS, RegistrySettings
 from runners.artifacts import ArtifactStore
 from runners.forms import (  # noqa: F401 - the forms are part of this module's API
     FORM_HUGGINGFACE,
@@ -38,12 +38,13 @@ from runners.forms import (  # noqa: F401 - the forms are part of this module's 
     read_mlmodel,
 )
 from runners.pt2 import check_pickle_free, import_pytree_types, input_shape, logits_of, static_batch_forward
+from runners.windows import Piece, Reading, reading_for
 
 logger = logging.getLogger(__name__)
 
 
 #: Longest input handed to a model, whatever its tokenizer claims.
-MAX_LENGTH_CAP = 512
+MAX_LENGTH_CAP = MAX_WINDOW_TOKENS
 
 _WARMUP_TEXTS = ["warm-up", "a second, somewhat longer text to warm up the model with"]
 _CLASSIFICATION_TASKS = ("text-classification", "sentiment-analysis")
@@ -126,6 +127,12 @@ class TextClassificationRunner:
         # releases have raised "Already borrowed" for that (not reproduced with the pinned 0.23.3).
         # Encoding is about 1% of the CPU: one call at a time costs nothing measurable.
         self._tokenizer_lock = threading.Lock()
+        #: How texts longer than the window are read (REGISTRY_LONG_TEXT), set at load.
+        self.reading: Optional[Reading] = None
+        self._offsets = False  # whether the tokenizer gives character offsets (a fast tokenizer)
+        self._counts_lock = threading.Lock()
+        self.windows_read = 0  # model inputs classified (a long text is several)
+        self.forward_passes = 0
 
     @property
     def _tag(self) -> str:
@@ -155,6 +162,8 @@ class TextClassificationRunner:
         }
         try:
             model = loaders[form](location)
+            self.reading = reading_for(self.settings, model.tokenizer, model.max_length, model.labels)
+            self._offsets = bool(getattr(model.tokenizer, "is_fast", False))
         except ArtifactError:
             raise
         except Exception as exc:  # transformers, torch and OS errors: the artifact did not load
@@ -166,6 +175,10 @@ class TextClassificationRunner:
             self.close()
             self.form = None
             raise ArtifactError(str(location), f"warm-up prediction as {form} failed: {type(exc).__name__}: {exc}") from exc
+        if self.settings.window_stride is not None and self.reading.stride != self.settings.window_stride:
+            logger.warning("%s %s v%s: REGISTRY_WINDOW_STRIDE=%d does not fit its window of %d text tokens; stride %d is used",
+                           self._tag, self.record.name, self.record.version, self.settings.window_stride, self.reading.capacity,
+                           self.reading.stride)
         self._accelerate(model)
         self.load_seconds = round(time.perf_counter() - start, 3)
         self.loaded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -190,34 +203,84 @@ class TextClassificationRunner:
     def predict_encoded(self, encoded: Encoded) -> list[dict[str, Any]]:
         """Run the forward pass over one encoded batch; `{"label", "score"}` per row."""
         model = self._require()
-        inputs = {key: value.to(self.device) for key, value in encoded.items()}
-        with torch.inference_mode():
-            logits = model.forward(inputs)
-            scores, indices = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+        scores, indices = self._probabilities(model, encoded).max(dim=-1)
         return [{"label": model.labels[i], "score": s} for i, s in zip(indices.tolist(), scores.tolist())]
 
     def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
-        """Classify texts; one `{"label", "score"}` per text, in order.
+        """Classify texts; per text, in order, `{"label", "score", "windows", "span", "truncated"}`.
 
-        Texts are tokenized once, sorted by length and run in groups of similar length (at most
-        `settings.forward_batch_size` each): a batch is padded to its longest text, and one long text
-        would otherwise make every short text in its batch as slow as itself.
+        Each text is read as `REGISTRY_LONG_TEXT` says (runners/windows.py): by default all of it,
+        in overlapping windows; the answer is the window with the highest probability on a
+        positive label, `windows` how many were read, `span` the characters of the winning one
+        (`[start, end)`), `truncated` whether part of the text was not read (`skipped` says which,
+        in `head_tail` mode). The windows of all texts are sorted by length and run in groups of
+        similar length (at most `settings.forward_batch_size` each): a batch is padded to its
+        longest input, and one long input would otherwise make every short one in it as slow.
         """
         if not texts:
             return []
-        model = self._require()
-        if model.pad_to_max_length:  # a program exported for one sequence length: nothing to gain
-            step = self.settings.forward_batch_size
-            return [r for start in range(0, len(texts), step) for r in self.predict_encoded(self.tokenize(texts[start:start + step]))]
+        model, reading = self._require(), self.reading
+        assert reading is not None  # set by load() with the model
         with self._tokenizer_lock:
-            features = model.tokenizer(list(texts), truncation=True, max_length=model.max_length)
-        lengths = [len(ids) for ids in features["input_ids"]]
-        results: list[dict[str, Any]] = [{}] * len(texts)
-        for group in length_groups(lengths, self.settings.forward_batch_size):
-            batch = model.tokenizer.pad({key: [values[i] for i in group] for key, values in features.items()}, return_tensors="pt")
-            for i, result in zip(group, self.predict_encoded(batch)):
-                results[i] = result
+            encoded = model.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=self._offsets,
+                                      return_attention_mask=False, verbose=False)
+        offsets = encoded["offset_mapping"] if self._offsets else [None] * len(texts)
+        pieces: list[Piece] = []
+        notes: list[dict[str, Any]] = []
+        counts: list[int] = []
+        for i, ids in enumerate(encoded["input_ids"]):
+            cut, note = reading.cut(i, ids, offsets[i])
+            pieces += cut
+            notes.append(note)
+            counts.append(len(cut))
+        probs = self._classify_inputs(model, [reading.model_input(piece) for piece in pieces])
+        positive = probs[:, list(reading.positive)].sum(dim=-1).tolist()
+        top_scores, top_labels = (t.tolist() for t in probs.max(dim=-1))
+        results: list[dict[str, Any]] = []
+        first = 0
+        for count, note in zip(counts, notes):
+            best = max(range(first, first + count), key=positive.__getitem__)  # the first of equals
+            span = pieces[best].span
+            results.append({"label": model.labels[top_labels[best]], "score": top_scores[best], "windows": count,
+                            "span": list(span) if span is not None else None, **note})
+            first += count
         return results
+
+    def weigh(self, texts: Sequence[str]) -> int:
+        """About how many model inputs these texts make (a long text read in windows is several); the
+        batcher counts this against its limits. Estimated from the characters (about 4 a token): exact
+        counts would take a tokenizer call per request."""
+        reading = self.reading
+        if reading is None or reading.mode != "windows":
+            return len(texts)
+        return sum(1 + max(0, -(-(len(text) // 4 - reading.capacity) // reading.stride)) for text in texts)
+
+    def _classify_inputs(self, model: _LoadedModel, inputs: list[list[int]]) -> torch.Tensor:
+        """Class probabilities `[len(inputs), labels]` (on the CPU) of token-id inputs, in groups of similar length."""
+        step = self.settings.forward_batch_size
+        if model.pad_to_max_length:  # a program exported for one sequence length: nothing to gain from grouping
+            groups = [list(range(start, min(start + step, len(inputs)))) for start in range(0, len(inputs), step)]
+        else:
+            groups = length_groups([len(ids) for ids in inputs], step)
+        out = torch.empty((len(inputs), len(model.labels)))
+        for group in groups:
+            rows = [inputs[i] for i in group]
+            batch = model.tokenizer.pad(
+                {"input_ids": rows, "attention_mask": [[1] * len(ids) for ids in rows]},
+                padding="max_length" if model.pad_to_max_length else True,
+                max_length=model.max_length if model.pad_to_max_length else None,
+                return_tensors="pt",
+            )
+            out[group] = self._probabilities(model, batch)
+        with self._counts_lock:
+            self.windows_read += len(inputs)
+            self.forward_passes += len(groups)
+        return out
+
+    def _probabilities(self, model: _LoadedModel, encoded: Encoded) -> torch.Tensor:
+        inputs = {key: value.to(self.device) for key, value in encoded.items()}
+        with torch.inference_mode():
+            return torch.softmax(model.forward(inputs).float(), dim=-1).cpu()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -233,6 +296,9 @@ class TextClassificationRunner:
             "labels": list(self._model.labels) if self._model else [],
             "ready": self.ready,
             "execution": self.execution,
+            "reading": self.reading.describe(self._model.labels) if self.reading and self._model else None,
+            "windows_read": self.windows_read,
+            "forward_passes": self.forward_passes,
             **({"accelerate": self.accelerate_info} if self.accelerate_info else {}),
         }
 

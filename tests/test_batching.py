@@ -271,8 +271,11 @@ def test_lanes_go_to_thread_safe_runners_only_and_the_heap_is_frozen_once(hf_dir
 @pytest.mark.parametrize("variable, value, says", [
     ("REGISTRY_FORWARD_THREADS", "0", "greater than or equal to 1"),
     ("REGISTRY_TORCH_THREADS", "lots", "valid integer"),
+    ("REGISTRY_LONG_TEXT", "chunks", "use one of windows, truncate, head_tail"),
+    ("REGISTRY_WINDOW_STRIDE", "512", "must be less than the window (512 tokens"),
+    ("REGISTRY_WINDOW_TOKENS", "4096", "less than or equal to 512"),
 ])
-def test_a_bad_thread_setting_stops_the_service_with_one_line(variable: str, value: str, says: str):
+def test_a_bad_serving_setting_stops_the_service_with_one_line(variable: str, value: str, says: str):
     """`bentoml serve` imports service.py first: a bad value ends it there, one line naming the variable."""
     import os
     import subprocess
