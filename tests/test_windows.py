@@ -215,3 +215,25 @@ def test_bad_long_text_settings_name_the_variable(values: dict[str, Any], variab
     with pytest.raises(SettingsError) as err:
         RegistrySettings.from_env(**values)
     assert err.value.variable == variable and says in str(err.value)
+
+
+def test_the_gate_reads_long_examples_whole(trained_dir: Path, tmp_path: Path) -> None:
+    """A gate set with injections at the end of long texts: windows pass it, truncation is refused."""
+    import json
+
+    from registry.errors import GateRefused
+    from registry.settings import GateSpec
+    from runners.gate import PromotionGate
+
+    rows = [{"text": INJECTIONS[0], "label": "INJECTION"}, {"text": "hello what is the weather", "label": "SAFE"}]
+    for where in ("start", "middle", "end"):
+        rows.append({"text": _long_text(where)[0], "label": "INJECTION"})
+    rows.append({"text": _benign(random.Random(3), 200), "label": "SAFE"})
+    path = tmp_path / "gate.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    gate = PromotionGate({"clf": GateSpec(path=path, min_accuracy=1.0)})
+
+    figures = gate.check("clf", "1", None, _runner(trained_dir, tmp_path).predict)
+    assert figures is not None and figures["accuracy"] == 1.0 and figures["examples"] == len(rows)
+    with pytest.raises(GateRefused, match="below min_accuracy"):
+        gate.check("clf", "2", None, _runner(trained_dir, tmp_path, long_text="truncate").predict)
