@@ -1,11 +1,14 @@
 """Runners by kind: a small protocol, and a table from what an artifact is to the runner that serves it.
 
-Adding a kind is one module (a class with `load`, `predict`, `describe`, `close`) and one entry in
-`RUNNERS` (plus a line in `runner_kind` if the artifact should choose it by itself).
+Adding a kind is a class (best a `runners.base.Runner` subclass: `build` and `predict`) and either
+`register_runner("my-kind", MyRunner)` or naming it where a runner is chosen:
+`ModelHost(runner=MyRunner)` or `ModelHost(runner="package.module:MyRunner")`. A kind the artifact
+should choose by itself also needs a line in `runner_kind`.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
@@ -55,6 +58,39 @@ RUNNERS: dict[str, Callable[[], type]] = {
 }
 
 
+def register_runner(name: str, runner: type) -> None:
+    """Make `runner` (a class built as `runner(record, settings, store=, location=)`) the kind `name`."""
+    if not isinstance(runner, type):
+        raise TypeError(f"register_runner({name!r}, ...) takes a class, not {type(runner).__name__}")
+    RUNNERS[name] = lambda: runner
+
+
+#: What `ModelHost(runner=...)` takes: a registered kind's name, "package.module:Class", or the class.
+RunnerChoice = Union[str, type, None]
+
+
+def runner_class(choice: Union[str, type]) -> type:
+    """The class a runner choice names.
+
+    Raises:
+        SettingsError: an unknown kind, or a "module:Class" that does not import.
+    """
+    if isinstance(choice, type):
+        return choice
+    if choice in RUNNERS:
+        return RUNNERS[choice]()
+    module_name, sep, attribute = choice.partition(":")
+    if not sep or not module_name or not attribute:
+        raise SettingsError("runner", choice, f"unknown runner kind; known: {', '.join(RUNNERS)}, or 'package.module:Class'")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise SettingsError("runner", choice, f"cannot import it: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(found, type):
+        raise SettingsError("runner", choice, f"names a {type(found).__name__}, not a class")
+    return found
+
+
 def runner_kind(location: Union[Path, str]) -> str:
     """The kind of runner a fetched artifact asks for, from its MLflow flavors (or its absence)."""
     if isinstance(location, str) or not (location / "MLmodel").is_file():
@@ -69,18 +105,22 @@ def runner_kind(location: Union[Path, str]) -> str:
     raise ArtifactError(str(location), f"no runner for the MLflow flavors {', '.join(sorted(flavors))}")
 
 
-def runner_factory(kind: Optional[str] = None) -> Callable[[ModelRecord, RegistrySettings], ModelRunner]:
+def runner_factory(kind: RunnerChoice = None) -> Callable[[ModelRecord, RegistrySettings], ModelRunner]:
     """What the model manager calls to build a runner: fetch the artifact once, pick the kind, hand it over.
 
     Args:
-        kind: force one kind for every model; default: each artifact chooses.
+        kind: force one kind for every model (a registered name, "package.module:Class" or the
+            class); default: each artifact chooses.
+
+    Raises:
+        SettingsError: `kind` names no runner.
     """
-    if kind is not None and kind not in RUNNERS:
-        raise SettingsError("runner", kind, f"unknown runner kind; known: {', '.join(RUNNERS)}")
+    forced = runner_class(kind) if kind is not None else None
 
     def build(record: ModelRecord, settings: RegistrySettings) -> ModelRunner:
         store = ArtifactStore(settings)
         location = store.fetch(record)
-        return RUNNERS[kind or runner_kind(location)]()(record, settings, store=store, location=location)
+        cls = forced or RUNNERS[runner_kind(location)]()
+        return cls(record, settings, store=store, location=location)
 
     return build

@@ -11,13 +11,11 @@ Four artifact forms, told apart by the `MLmodel` file's flavors (or its absence)
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -27,6 +25,7 @@ from registry.errors import ArtifactError
 from registry.record import ModelRecord
 from registry.settings import EAGER_EXECUTION, MAX_WINDOW_TOKENS, RegistrySettings
 from runners.artifacts import ArtifactStore
+from runners.base import WARMUP_TEXTS, Runner, pickle_refused
 from runners.forms import (  # noqa: F401 - the forms are part of this module's API
     FORM_HUGGINGFACE,
     FORM_PICKLE,
@@ -46,9 +45,7 @@ logger = logging.getLogger(__name__)
 #: Longest input handed to a model, whatever its tokenizer claims.
 MAX_LENGTH_CAP = MAX_WINDOW_TOKENS
 
-_WARMUP_TEXTS = ["warm-up", "a second, somewhat longer text to warm up the model with"]
 _CLASSIFICATION_TASKS = ("text-classification", "sentiment-analysis")
-_SOURCE_TAGS = {"mlflow": "[MLFLOW]", "huggingface": "[FALLBACK]"}
 
 Encoded = Mapping[str, torch.Tensor]
 
@@ -93,7 +90,7 @@ def _sequence_classifier(source: Union[Path, str], device: torch.device) -> Any:
     return model.to(device).eval()
 
 
-class TextClassificationRunner:
+class TextClassificationRunner(Runner):
     """One model version in memory: load it once, then classify batches of texts."""
 
     #: predict may run in several threads at once: inference only reads the module's weights, and
@@ -109,15 +106,9 @@ class TextClassificationRunner:
         store: Optional[ArtifactStore] = None,
         location: Union[Path, str, None] = None,
     ):
-        self.record = record
-        self._location = location  # already fetched and verified by the caller
-        self.settings = settings
+        super().__init__(record, settings, store=store, location=location)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.store = store or ArtifactStore(settings)
         self.form: Optional[str] = None
-        self.ready = False
-        self.loaded_at: Optional[str] = None
-        self.load_seconds: Optional[float] = None
         self._model: Optional[_LoadedModel] = None
         #: How forward passes run: "eager", or the acceleration that passed its parity check ("int8").
         self.execution = "eager"
@@ -135,24 +126,12 @@ class TextClassificationRunner:
         self.forward_passes = 0
 
     @property
-    def _tag(self) -> str:
-        return _SOURCE_TAGS.get(self.record.source, "[HYBRID]")
-
-    @property
     def labels(self) -> tuple[str, ...]:
         """Label names in id2label order."""
         return self._require().labels
 
-    def load(self) -> None:
-        """Fetch, build, move to the device and warm up; `ready` only once all of that worked.
-
-        Raises:
-            ArtifactError: the artifact could not be fetched, verified, loaded or run.
-        """
-        if self.ready:
-            return
-        start = time.perf_counter()
-        location = self._location if self._location is not None else self.store.fetch(self.record)
+    def build(self, location: Union[Path, str]) -> None:
+        """Detect the artifact's form and build it on the device; the reading of long texts with it."""
         form = detect_form(location)
         loaders = {
             FORM_TRANSFORMERS: self._load_mlflow_transformers,
@@ -160,33 +139,29 @@ class TextClassificationRunner:
             FORM_PT2: self._load_pytorch_pt2,
             FORM_HUGGINGFACE: self._load_huggingface,
         }
-        try:
-            model = loaders[form](location)
-            self.reading = reading_for(self.settings, model.tokenizer, model.max_length, model.labels)
-            self._offsets = bool(getattr(model.tokenizer, "is_fast", False))
-        except ArtifactError:
-            raise
-        except Exception as exc:  # transformers, torch and OS errors: the artifact did not load
-            raise ArtifactError(str(location), f"loading as {form} failed: {type(exc).__name__}: {exc}") from exc
-        self.form, self._model = form, model
-        try:
-            self._warm_up(model)
-        except Exception as exc:  # whatever breaks the first forward pass breaks serving
-            self.close()
-            self.form = None
-            raise ArtifactError(str(location), f"warm-up prediction as {form} failed: {type(exc).__name__}: {exc}") from exc
+        self.form = form
+        model = loaders[form](location)
+        self.reading = reading_for(self.settings, model.tokenizer, model.max_length, model.labels)
+        self._offsets = bool(getattr(model.tokenizer, "is_fast", False))
+        self._model = model
+
+    def warm_up(self) -> None:
+        """One forward pass before serving; also proves the logits match the labels."""
+        model = self._require()
+        encoded = self.tokenize(list(WARMUP_TEXTS))
+        with torch.inference_mode():
+            logits = model.forward({key: value.to(self.device) for key, value in encoded.items()})
+        expected = (len(WARMUP_TEXTS), len(model.labels))
+        if tuple(logits.shape) != expected:
+            raise ValueError(f"logits of shape {tuple(logits.shape)} for {expected[0]} texts and {expected[1]} labels")
+
+    def after_warm_up(self) -> None:
+        assert self.reading is not None  # set by build
         if self.settings.window_stride is not None and self.reading.stride != self.settings.window_stride:
             logger.warning("%s %s v%s: REGISTRY_WINDOW_STRIDE=%d does not fit its window of %d text tokens; stride %d is used",
-                           self._tag, self.record.name, self.record.version, self.settings.window_stride, self.reading.capacity,
+                           self.tag, self.record.name, self.record.version, self.settings.window_stride, self.reading.capacity,
                            self.reading.stride)
-        self._accelerate(model)
-        self.load_seconds = round(time.perf_counter() - start, 3)
-        self.loaded_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.ready = True
-        logger.info(
-            "%s loaded %s v%s (%s, %s) on %s in %.2fs", self._tag, self.record.name, self.record.version, form, self.record.source or "?",
-            self.device, self.load_seconds,
-        )
+        self._accelerate(self._require())
 
     def tokenize(self, texts: Sequence[str]) -> Encoded:
         """Encode texts as one padded batch of tensors (on the CPU)."""
@@ -282,19 +257,9 @@ class TextClassificationRunner:
         with torch.inference_mode():
             return torch.softmax(model.forward(inputs).float(), dim=-1).cpu()
 
-    def describe(self) -> dict[str, Any]:
+    def details(self) -> dict[str, Any]:
         return {
-            "name": self.record.name,
-            "version": self.record.version,
-            "source": self.record.source,
-            "uri": self.record.location,
-            "form": self.form,
             "device": str(self.device),
-            "loaded_at": self.loaded_at,
-            "load_seconds": self.load_seconds,
-            "sha256": self.record.sha256,
-            "labels": list(self._model.labels) if self._model else [],
-            "ready": self.ready,
             "execution": self.execution,
             "reading": self.reading.describe(self._model.labels) if self.reading and self._model else None,
             "windows_read": self.windows_read,
@@ -302,22 +267,14 @@ class TextClassificationRunner:
             **({"accelerate": self.accelerate_info} if self.accelerate_info else {}),
         }
 
-    def close(self) -> None:
+    def release(self) -> None:
         """Drop the model so a swapped-out version gives its memory back."""
-        self.ready = False
         self._model = None
-        gc.collect()
+
+    def close(self) -> None:
+        super().close()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def _warm_up(self, model: _LoadedModel) -> None:
-        """One forward pass before serving; also proves the logits match the labels."""
-        encoded = self.tokenize(_WARMUP_TEXTS)
-        with torch.inference_mode():
-            logits = model.forward({key: value.to(self.device) for key, value in encoded.items()})
-        expected = (len(_WARMUP_TEXTS), len(model.labels))
-        if tuple(logits.shape) != expected:
-            raise ValueError(f"logits of shape {tuple(logits.shape)} for {expected[0]} texts and {expected[1]} labels")
 
     def _accelerate(self, model: _LoadedModel) -> None:
         """`REGISTRY_ACCELERATE`: swap in the accelerated forward pass when it agrees with the eager one.
@@ -331,7 +288,7 @@ class TextClassificationRunner:
         self.execution, self.accelerate_info = "eager", None
         if requested in EAGER_EXECUTION:
             return
-        texts, source = accelerate.parity_texts(self.record.name, self.settings.gate.get(self.record.name), _WARMUP_TEXTS)
+        texts, source = accelerate.parity_texts(self.record.name, self.settings.gate.get(self.record.name), list(WARMUP_TEXTS))
         step = self.settings.forward_batch_size
         batches = [{k: v.to(self.device) for k, v in self.tokenize(texts[i:i + step]).items()} for i in range(0, len(texts), step)]
         max_diff = self.settings.accelerate_max_diff
@@ -340,14 +297,14 @@ class TextClassificationRunner:
             forward, parity = accelerate.accelerate(requested, model.module, model.forward, _module_forward, batches, source, max_diff)
         except accelerate.AccelerationRefused as exc:
             self.accelerate_info = {"requested": requested, "refused": str(exc)}
-            logger.warning("%s %s v%s: %s refused, eager serves: %s", self._tag, self.record.name, self.record.version, requested, exc)
+            logger.warning("%s %s v%s: %s refused, eager serves: %s", self.tag, self.record.name, self.record.version, requested, exc)
             return
         # The eager module is dropped with the old _LoadedModel: only the accelerated one stays in memory.
         self._model = _LoadedModel(model.tokenizer, forward, model.labels, model.max_length, model.pad_to_max_length, None)
         self.execution = requested
         self.accelerate_info = {"requested": requested, "parity": parity.to_dict(), "max_diff": max_diff,
                                 "seconds": round(time.perf_counter() - started, 3)}
-        logger.info("%s %s v%s runs %s (parity on %s: max probability difference %.4f)", self._tag, self.record.name,
+        logger.info("%s %s v%s runs %s (parity on %s: max probability difference %.4f)", self.tag, self.record.name,
                     self.record.version, requested, parity.source, parity.max_diff)
 
     def _require(self) -> _LoadedModel:
@@ -377,11 +334,7 @@ class TextClassificationRunner:
         from transformers import AutoTokenizer
 
         if not (self.record.sha256 or self.settings.allow_pickle):
-            raise ArtifactError(
-                self.record.location,
-                "pickle-format artifact runs code when loaded, and the record has no sha256 to verify it against "
-                "(publish it with a digest, or set REGISTRY_ALLOW_PICKLE=true to trust it)",
-            )
+            raise pickle_refused(self.record.location, "pickle-format artifact")
         flavor = read_mlmodel(path)["flavors"]["pytorch"]
         extra = extra_files_dir(path, flavor)
         model_file = path / str(flavor.get("model_data", "data")) / "model.pth"
@@ -415,7 +368,7 @@ class TextClassificationRunner:
             max_length, pad_to_max = seq, True  # a static sequence dim takes exactly that length
         else:
             max_length, pad_to_max = min(_max_length(tokenizer), seq_upper or MAX_LENGTH_CAP), False
-        logger.info("%s pt2 program for %s: batch %s, sequence %s", self._tag, self.record.name, batch or "dynamic", seq or f"dynamic <= {max_length}")
+        logger.info("%s pt2 program for %s: batch %s, sequence %s", self.tag, self.record.name, batch or "dynamic", seq or f"dynamic <= {max_length}")
         if batch is None:
             forward: Callable[[Encoded], torch.Tensor] = lambda enc: logits_of(module(enc["input_ids"], enc["attention_mask"]))
         else:
