@@ -17,7 +17,7 @@ SERVE_MODELS ?= prompt_injection
 export REGISTRY_RELOAD_DIR ?= $(CURDIR)/data/reload
 PORT ?= 3000
 
-.PHONY: setup test serve demo-model training-api bench build example-wheel clean
+.PHONY: setup test serve demo-model training-api bench build container container-test example-wheel clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --ignore=tests/test_container.py $(PYTEST_ARGS)
 
 # Trains and publishes the demo prompt-injection classifier when none is registered yet.
 demo-model: setup
@@ -52,6 +52,14 @@ bench: setup
 
 build: setup
 	$(BIN)/bentoml build
+
+# The image (podman; README "Container"): TORCH=cuda for the CUDA build, REBUILD=1 to ignore the reuse label.
+container: setup
+	deploy/container/build
+
+# The image against real Redis, MLflow + S3 (moto) and a file backup on this host.
+container-test: container
+	$(BIN)/python -m pytest tests/test_container.py $(PYTEST_ARGS)
 
 # The plugin as a wheel, for the example's bento: make example-wheel && cd examples/spam && ../../.venv/bin/bentoml build
 example-wheel: setup

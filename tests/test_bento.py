@@ -128,6 +128,7 @@ def test_bento_builds_with_service_code_pins_and_envs(built_bento: dict[str, Any
     # exactly the service's code: nothing from .cache/, data/ or examples/ that happens to share a name
     shipped = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
     code = {p.relative_to(REPO).as_posix() for d in ("registry", "runners") for p in (REPO / d).rglob("*.py")}
+    code |= {"training/__init__.py", "training/publisher.py"}  # the `registry` command's publish/promote/revoke
     assert shipped == code | {"service.py", "README.md", "bentofile.yaml"}, sorted(shipped ^ (code | {"service.py", "README.md", "bentofile.yaml"}))
 
     requirements = (bento / "env" / "python" / "requirements.txt").read_text().split()

@@ -52,6 +52,14 @@ def lock_pins() -> dict[str, str]:
     return pins
 
 
+def built_image() -> str:
+    """The image `make container` builds: its name and tag live in deploy/container/build alone."""
+    result = subprocess.run([str(DEPLOY / "container" / "build"), "--print-image"], capture_output=True, text=True,
+                            timeout=30, env={k: v for k, v in os.environ.items() if k != "CLASSIFIER_IMAGE"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 # --- Kubernetes ------------------------------------------------------------------------------------
 
 def k8s_documents(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
@@ -117,6 +125,9 @@ def test_deployment_probes_env_and_resources(applied: dict[str, dict[str, Any]],
     assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"], "a PDB as large as the Deployment blocks every drain"
 
     (container,) = pod["spec"]["containers"]
+    assert container["image"] == built_image(), "deploy/kubernetes names another image than make container builds"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "/tmp" in [m["mountPath"] for m in container["volumeMounts"]], "a read-only root needs a writable /tmp"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": 3000}  # BentoML's port
     assert service["spec"]["ports"][0]["targetPort"] in ports
@@ -241,7 +252,7 @@ def test_compose_structure(compose: dict[str, Any]) -> None:
     # two replicas behind nothing, on 3000 and 3001, of the bento's image
     for name, port in (("classifier-1", "3000:3000"), ("classifier-2", "3001:3000")):
         assert services[name]["ports"] == [port]
-        assert "security_classifier" in services[name]["image"]
+        assert services[name]["image"] == f"${{CLASSIFIER_IMAGE:-{built_image()}}}"
     assert services["training-api"]["command"][:3] == ["python", "-m", "training.api"]
 
 
