@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.responses import JSONResponse
 
 from registry.errors import ModelNotLoaded, SettingsError, UnknownModel
+from registry.redaction import redact
 from registry.settings import ENV_PREFIX, RegistrySettings, load_settings
 from runners.admin import error, registry_admin
 from runners.host import ModelHost
@@ -86,7 +87,8 @@ class SecurityClassifier:
         predictions = await served.batcher.predict(texts)
         # A response object passes BentoML by; a dict would be re-validated against the annotation,
         # which builds its JSON schema on every call (8% of the non-model CPU time at 32 clients).
-        return JSONResponse({"model": served.identity(), "predictions": predictions})
+        # The model's URI is the one place of an answer a credential could hide in (a presigned URL).
+        return JSONResponse({"model": redact(served.identity()), "predictions": predictions})
 
     def _invalid(self, texts: list[str]) -> Optional[str]:
         limits = self.limits

@@ -4,6 +4,9 @@ Exit codes: 0 all is well; 1 the registry disagrees or something is unhealthy (a
 cannot be asked, a digest that does not match, a model that does not resolve); 2 usage or
 configuration errors (bad arguments, a bad `REGISTRY_*` value, a layer the command needs is not
 configured).
+
+Nothing secret is printed: answers, errors, logs and MLflow's own prints go through
+`registry.redaction` (URL credentials and the configured secrets become `***`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Callable, Iterator, Optional, TextIO
 import click
 
 from registry.errors import PublishError, RegistryError, SelectorError, SettingsError
+from registry.redaction import RedactingStream, install_log_redaction, redact, redact_in_place, redact_text
 from registry.settings import RegistrySettings, check_model_names
 
 OK, UNHEALTHY, USAGE = 0, 1, 2
@@ -37,7 +41,7 @@ class Problem(click.ClickException):
         self.extra = extra
 
     def show(self, file: Optional[TextIO] = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+        click.echo(f"error: {redact_text(self.format_message())}", err=True)
 
 
 def config_problem(message: str) -> Problem:
@@ -76,7 +80,7 @@ def exit_code_of(exc: BaseException) -> int:
 @contextlib.contextmanager
 def quiet_stdout() -> Iterator[None]:
     """MLflow prints progress ("View run ... at ...") to stdout; stdout is kept for the answer only."""
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(RedactingStream(sys.stderr)):
         yield
 
 
@@ -85,7 +89,7 @@ class Output:
 
     def __init__(self, as_json: bool):
         self.as_json = as_json
-        self.stdout = sys.stdout  # taken before quiet_stdout() swaps it
+        self.stdout = RedactingStream(sys.stdout)  # taken before quiet_stdout() swaps it
         self._console = None
 
     @property
@@ -100,6 +104,7 @@ class Output:
 
     def done(self, data: dict[str, Any], render: Callable[[Any], None], code: int = OK) -> None:
         """Print the answer (JSON, or `render(console)` for people) and exit with `code`."""
+        redact_in_place(data)  # in place: `render` reads the same objects
         if self.as_json:
             print(json.dumps(data, indent=2, sort_keys=False, default=str), file=self.stdout, flush=True)
         else:
@@ -124,7 +129,7 @@ def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise Problem(str(exc), exit_code_of(exc)) from exc
         except Problem as exc:
             if as_json:
-                print(json.dumps({"ok": False, "error": exc.format_message(), "exit_code": exc.exit_code, **exc.extra},
+                print(json.dumps(redact({"ok": False, "error": exc.format_message(), "exit_code": exc.exit_code, **exc.extra}),
                                  indent=2, default=str), file=sys.stdout, flush=True)
             raise
 
@@ -156,3 +161,4 @@ def esc(value: object) -> str:
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s %(message)s")
+    install_log_redaction(("registry", "training"))

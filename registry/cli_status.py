@@ -78,12 +78,14 @@ def _read_layer(source: PayloadSource) -> tuple[dict[str, Any], Optional[Registr
     return info, payload
 
 
-def _service_models(url: str, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+def _service_models(url: str, timeout: float, token: Optional[str] = None) -> tuple[dict[str, Any], dict[str, Any]]:
     import httpx
 
     info: dict[str, Any] = {"configured": True, "state": "ok", "error": None, "url": url}
+    # With the admin token the service gives the detail (selector, wanted, candidate); without it the summary.
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = httpx.get(url.rstrip("/") + "/models", timeout=timeout)
+        response = httpx.get(url.rstrip("/") + "/models", timeout=timeout, headers=headers)
         response.raise_for_status()
         models = response.json().get("models")
         if not isinstance(models, dict):
@@ -138,7 +140,8 @@ def collect(settings: RegistrySettings, names: list[str], service: Optional[str]
             source.close()
     served: dict[str, Any] = {}
     if service:
-        layers["service"], served = _service_models(service, timeout)
+        token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
+        layers["service"], served = _service_models(service, timeout, token)
     if wanted is None:  # every model MLflow holds, and every model a layer still holds
         found = set(authority.model_names()) if authority is not None else set()
         for payload in payloads.values():

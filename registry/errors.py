@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+from registry.redaction import redact_text
+
 if TYPE_CHECKING:
     from registry.trail import LayerAttempt
 
@@ -46,8 +48,8 @@ class PayloadError(RegistryError, ValueError):
     """Registry data (cache value, API body, backup file) has the wrong shape."""
 
     def __init__(self, where: str, reason: str):
-        self.where = where
-        super().__init__(f"{where}: {reason}")
+        self.where = where = redact_text(where)
+        super().__init__(f"{where}: {redact_text(reason)}")
 
 
 class SourceUnavailable(RegistryError):
@@ -55,7 +57,7 @@ class SourceUnavailable(RegistryError):
 
     def __init__(self, source: str, reason: str):
         self.source = source
-        self.reason = reason
+        self.reason = reason = redact_text(reason)  # client errors embed the URL they failed on
         super().__init__(f"{source} unavailable: {reason}")
 
 
@@ -64,7 +66,7 @@ class SourceRejected(RegistryError):
 
     def __init__(self, source: str, reason: str):
         self.source = source
-        self.reason = reason
+        self.reason = reason = redact_text(reason)
         super().__init__(f"{source} rejected: {reason}")
 
 
@@ -75,7 +77,7 @@ class ModelNotResolvable(RegistryError):
         self.name = name
         self.selector = selector
         self.trail = list(trail)
-        layers = "; ".join(f"{a.source}: {a.outcome}" + (f" ({a.detail})" if a.detail else "") for a in trail)
+        layers = redact_text("; ".join(f"{a.source}: {a.outcome}" + (f" ({a.detail})" if a.detail else "") for a in trail))
         super().__init__(f"no version of model {name!r} for selector {selector!r} could be resolved [{layers or 'no layer configured'}]")
 
 
@@ -88,8 +90,8 @@ class ArtifactError(RegistryError):
 
     def __init__(self, uri: str, reason: str):
         self.uri = uri
-        self.reason = reason
-        super().__init__(f"artifact {uri}: {reason}")
+        self.reason = reason = redact_text(reason)
+        super().__init__(f"artifact {redact_text(uri)}: {reason}")
 
 
 class UnknownModel(RegistryError):

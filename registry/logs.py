@@ -4,6 +4,9 @@ layer's lines, as plain text (default) or one JSON object per line (`REGISTRY_LO
 A JSON line carries `time`, `level`, `logger`, `tag`, `model`, `version`, `layer` and `message`
 (the text without its tag); `model`, `version` and `layer` come from the `extra=` of the call
 (`log_fields(...)`), null when the line is about none.
+
+Every line, text or JSON, of this project or of a library, goes through `registry.redaction`'s
+filter first: credentials in URLs and the configured secrets never reach a log.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import re
 import sys
 from datetime import datetime, timezone
 from typing import Any, Optional
+
+from registry.redaction import RedactingFilter, install_log_redaction
 
 #: The loggers of this project; BentoML's own handlers pass WARNING and up from other loggers.
 LOGGERS = ("service", "registry", "runners", "training")
@@ -42,8 +47,9 @@ class JSONFormatter(logging.Formatter):
             "layer": fields.get("layer"),
             "message": message[match.end():] if match else message,
         }
-        if record.exc_info:
-            body["exception"] = self.formatException(record.exc_info)
+        if record.exc_info or record.exc_text:
+            # the redacting filter leaves the (redacted) traceback in exc_text
+            body["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(body, ensure_ascii=False, default=str)
 
 
@@ -57,8 +63,11 @@ def configure_logging(level: str, log_format: str) -> None:
         if log_format == "json":
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(JSONFormatter())
+            handler.addFilter(RedactingFilter())
             handler._registry_json = True  # type: ignore[attr-defined]
             logger.addHandler(handler)
             logger.propagate = False
         else:
             logger.propagate = True
+    # BentoML's and uvicorn's handlers (set up before the service starts) and every library's records.
+    install_log_redaction(LOGGERS)

@@ -34,6 +34,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from registry.errors import PayloadError, SettingsError
+from registry.redaction import redact_url
 
 VARIABLE = "REGISTRY_REDIS_URL"
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
@@ -49,22 +50,6 @@ _OPTIONS = ("sentinel_password", "sentinel_username", "sentinel_ssl", *_SSL_OPTI
 
 def is_sentinel_url(url: str) -> bool:
     return url.split("://", 1)[0].lower() in SENTINEL_SCHEMES
-
-
-def redacted(url: str) -> str:
-    """The URL with its passwords (user info and `sentinel_password`) replaced by `***`."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    head, slash, tail = rest.partition("/")
-    userinfo, at, hosts = head.rpartition("@")
-    if at and ":" in userinfo:
-        head = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
-    if "sentinel_password=" in tail:
-        path, _, query = tail.partition("?")
-        query = "&".join("sentinel_password=***" if part.startswith("sentinel_password=") else part for part in query.split("&"))
-        tail = f"{path}?{query}"
-    return f"{scheme}{sep}{head}{slash}{tail}"
 
 
 @dataclass(frozen=True)
@@ -116,7 +101,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     try:
         return _parse_sentinel_url(url)
     except ValueError as exc:
-        raise SettingsError(VARIABLE, redacted(url), str(exc)) from None
+        raise SettingsError(VARIABLE, redact_url(url), str(exc)) from None
 
 
 def _parse_sentinel_url(url: str) -> SentinelURL:
@@ -195,7 +180,7 @@ def redis_from_url(url: str, *, timeout: float, retry: Retry) -> redis.Redis:
             return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=retry,
                                         retry_on_error=list(RETRY_ON), health_check_interval=HEALTH_CHECK_INTERVAL)
         except ValueError as exc:
-            raise SettingsError(VARIABLE, redacted(url), str(exc)) from None
+            raise SettingsError(VARIABLE, redact_url(url), str(exc)) from None
     spec = parse_sentinel_url(url)
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": timeout, "socket_connect_timeout": timeout,

@@ -36,9 +36,9 @@ def _shown(field: str, value: Any) -> Any:
     if field.lower() in _SECRETS:
         return "***"
     if isinstance(value, str) and "://" in value:
-        from registry.redis_client import redacted
+        from registry.redaction import redact_url
 
-        return redacted(value)
+        return redact_url(value)
     return value
 
 
@@ -213,6 +213,15 @@ class RegistrySettings(BaseSettings):
     webhook_tolerance: float = Field(300.0, gt=0)
     """Seconds a webhook's `X-MLflow-Timestamp` may be away from now before the delivery is refused."""
 
+    health_detail: str = Field("token", pattern="^(token|open)$")
+    """Who sees the operator's detail of `GET /models` and `GET /registry/health` (trails, records, every layer's
+    answer): `token` (default) only a request with `Authorization: Bearer $REGISTRY_ADMIN_TOKEN`, everyone else the
+    summary; `open`: everyone."""
+
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    """Largest request body in bytes (Content-Length, or counted while a chunked body streams in); a larger one is
+    refused with 413 before it is read. The default fits 256 texts of 20,000 characters sent as `\\uXXXX` escapes."""
+
     gate: Annotated[dict[str, GateSpec], NoDecode] = Field(default_factory=dict)
     """JSON: model -> {"path": JSONL of {"text", "label"}, "min_accuracy", "max_drop"}; a version that fails never serves."""
 
@@ -314,6 +323,16 @@ class RegistrySettings(BaseSettings):
 
         Selector.parse(value)
         return value
+
+    def model_post_init(self, context: Any) -> None:
+        # Whatever holds a credential is hidden from every answer, log line and command output from now on.
+        from registry.redaction import register_environment, register_secret, register_url
+
+        for secret in (self.admin_token, self.signing_key, self.webhook_secret):
+            register_secret(secret)
+        for url in (self.redis_url, self.training_api_url, self.mlflow_tracking_uri):
+            register_url(url)
+        register_environment()
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "RegistrySettings":

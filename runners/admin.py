@@ -7,8 +7,14 @@
 
 `registry_admin` mounts `admin_app()` (POST /reload, GET /models, GET /registry/health,
 POST /registry/webhook), starts every host of the service when a worker starts, makes `/readyz`
-wait until every host's models are loaded, stops the hosts on shutdown, and answers 415 to a
-non-JSON body on the JSON routes. The routes find the host of the worker they run in.
+wait until every host's models are loaded, stops the hosts on shutdown, answers 415 to a
+non-JSON body on the JSON routes and 413 to a body over `REGISTRY_MAX_BODY_BYTES` on every route.
+The routes find the host of the worker they run in.
+
+Nothing secret leaves through them: every answer goes through `registry.redaction.redact`, and
+`/models` and `/registry/health` give the operator's detail (trails, records, every layer's
+answer) only to a request bearing the admin token (`REGISTRY_HEALTH_DETAIL=token`, the default);
+anyone else gets the summary (`models_summary`, `health_summary`).
 """
 
 from __future__ import annotations
@@ -26,14 +32,50 @@ from starlette.exceptions import HTTPException
 
 from registry.coordination import CoordinationError
 from registry.errors import GateRefused, ModelNotResolvable, ReloadFailed, SelectorError, SettingsError, UnknownModel
+from registry.metrics import bound_request_endpoints
+from registry.redaction import redact, redact_text
 from registry.record import Selector
 from runners.host import ModelHost, live_hosts
 
 logger = logging.getLogger(__name__)
 
 
+#: The routes `admin_app` serves.
+ADMIN_ROUTES = ("/reload", "/models", "/registry/health", "/registry/webhook")
+
+
 def error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+    return JSONResponse(redact({"error": message, **extra}), status_code=status)
+
+
+def answer(body: Any, status: int = 200) -> JSONResponse:
+    """A JSON answer with every credential in it redacted."""
+    return JSONResponse(redact(body), status_code=status)
+
+
+SUMMARY_HINT = "summary; the detail needs Authorization: Bearer <REGISTRY_ADMIN_TOKEN> (REGISTRY_HEALTH_DETAIL=token)"
+
+
+def models_summary(full: dict[str, Any]) -> dict[str, Any]:
+    """What `GET /models` tells a request without the admin token: ready, degraded, and per model
+    the name, version and source layer that serves it (`loaded: false` when none does)."""
+    models = {}
+    for name, body in (full.get("models") or {}).items():
+        loaded = body.get("loaded", True) and body.get("version") is not None
+        models[name] = {"name": name, "version": body.get("version") if loaded else None,
+                        "source": body.get("source") if loaded else None, "loaded": bool(loaded)}
+    return {"ready": full.get("ready"), "degraded": full.get("degraded"), "models": models, "view": SUMMARY_HINT}
+
+
+def health_summary(full: dict[str, Any]) -> dict[str, Any]:
+    """What `GET /registry/health` tells a request without the admin token: status, degraded, per model
+    the name, version and source serving, per layer (and the reload bus) whether it is reachable."""
+    serving = {name: {"name": name, "version": s.get("version"), "source": s.get("source")}
+               for name, s in (full.get("serving") or {}).items()}
+    layers = [{"source": layer.get("source"), "reachable": bool(layer.get("reachable"))} for layer in full.get("layers") or ()]
+    bus = full.get("reload_bus") or {}
+    return {"status": full.get("status"), "degraded": full.get("degraded"), "serving": serving, "layers": layers,
+            "reload_bus": {"reachable": bool(bus.get("reachable"))}, "view": SUMMARY_HINT}
 
 
 class ReloadRequest(BaseModel):
@@ -86,18 +128,34 @@ def _merged(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def _authorize(host: ModelHost, request: Request) -> Optional[JSONResponse]:
+def _authorize(host: ModelHost, request: Request, what: str = "reload") -> Optional[JSONResponse]:
     token = host.settings.admin_token
     if token is None:
-        return error(403, "reload is disabled: REGISTRY_ADMIN_TOKEN is not set on the service")
+        return error(403, f"{what} is disabled: REGISTRY_ADMIN_TOKEN is not set on the service")
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
     # constant-time comparison of bytes; a missing header compares against nothing
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
         client = request.client.host if request.client else "?"
-        logger.warning("[HYBRID] reload refused for %s: %s", client, "missing token" if not header else "wrong token")
+        logger.warning("[HYBRID] %s refused for %s: %s", what, client, "missing token" if not header else "wrong token")
         return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
     return None
+
+
+def _detail(request: Request, route: str) -> Optional[JSONResponse] | bool:
+    """Whether this request gets the operator's detail of `route` (True), the summary (False), or a 401
+    (a wrong token: a caller that sends one expects the detail, so it is told, not silently given less)."""
+    host = _host_for()
+    if host.settings.health_detail == "open":
+        return True
+    if not request.headers.get("authorization"):
+        return False
+    denied = _authorize(host, request, f"{route} detail")
+    if denied is None:
+        return True
+    if denied.status_code == 403:  # no token configured: nobody gets the detail, the summary is all there is
+        return False
+    return denied
 
 
 def admin_app() -> FastAPI:
@@ -107,19 +165,27 @@ def admin_app() -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid_body)
 
     @app.get("/models")
-    def models() -> JSONResponse:
-        return JSONResponse(_merged(h.models() for h in live_hosts() or [_host_for()]))
+    def models(request: Request) -> JSONResponse:
+        detail = _detail(request, "/models")
+        if isinstance(detail, JSONResponse):
+            return detail
+        full = _merged(h.models() for h in live_hosts() or [_host_for()])
+        return answer({**full, "view": "full"} if detail else models_summary(full))
 
     @app.get("/registry/health")
-    def registry_health() -> JSONResponse:
-        return JSONResponse(_merged(h.health() for h in live_hosts() or [_host_for()]))
+    def registry_health(request: Request) -> JSONResponse:
+        detail = _detail(request, "/registry/health")
+        if isinstance(detail, JSONResponse):
+            return detail
+        full = _merged(h.health() for h in live_hosts() or [_host_for()])
+        return answer({**full, "view": "full"} if detail else health_summary(full))
 
     @app.post("/registry/webhook")
     async def registry_webhook(request: Request) -> JSONResponse:
         """MLflow's registry webhook: verified with REGISTRY_WEBHOOK_SECRET, acted on in the background."""
         body = await request.body()
-        status, answer = _host_for().follower.webhook(request.headers, body)
-        return JSONResponse(answer, status_code=status)
+        status, result = _host_for().follower.webhook(request.headers, body)
+        return answer(result, status)
 
     @app.post("/reload", responses={
         400: {"description": "malformed body or selector"}, 401: {"description": "missing or wrong bearer token"},
@@ -158,9 +224,67 @@ def admin_app() -> FastAPI:
                 return error(status, str(exc), model=name, trail=trail, done=results, **extra)
             except CoordinationError as exc:
                 return error(503, f"reload coordination failed: {exc}", model=name, done=results)
-        return JSONResponse(results[0] if body.model or len(results) == 1 else {"reloads": results})
+        return answer(results[0] if body.model or len(results) == 1 else {"reloads": results})
 
     return app
+
+
+class BodyLimit:
+    """Refuse a request body over `max_bytes` with 413 before the app reads any of it.
+
+    A Content-Length over the limit is refused at once, unread. A chunked body (no Content-Length)
+    is counted as its chunks arrive, at most `max_bytes` of it held, and refused the moment it
+    passes the limit; one within it is handed to the app whole. Either way the app never sees an
+    oversized body (BentoML would log a traceback for a body that fails while it reads it).
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                await self._refuse(scope, receive, send, 400, f"Content-Length {length[:40]!r} is not a number")
+            elif int(length) > self.max_bytes:
+                await self._refuse(scope, receive, send, 413, f"body of {int(length)} bytes")
+            else:  # the server delivers no more than Content-Length says
+                await self.app(scope, receive, send)
+            return
+        if b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
+            await self.app(scope, receive, send)  # no body
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                chunks.clear()
+                await self._refuse(scope, receive, send, 413, f"chunked body passing {self.max_bytes} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        await self.app(scope, _replay(b"".join(chunks)), send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any, status: int, what: str) -> None:
+        client = (scope.get("client") or ("?",))[0]
+        if status == 413:
+            message = f"request body too large: {what}; at most {self.max_bytes} bytes (REGISTRY_MAX_BODY_BYTES)"
+        else:
+            message = f"bad request: {what}"
+        logger.info("[HYBRID] %s %s from %s refused (%d): %s", scope.get("method"), scope.get("path"), client, status, message)
+        # Connection: close, so the server does not read the rest of the body to reuse the connection.
+        response = JSONResponse({"error": message}, status_code=status, headers={"Connection": "close"})
+        await response(scope, receive, send)
 
 
 class JSONOnly:
@@ -253,6 +377,10 @@ def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = ()) ->
             getattr(cls, name).check_configuration()
         except SettingsError as exc:
             raise SystemExit(f"[HYBRID] cannot start {cls.__name__}: {exc}") from None
+    try:
+        max_body_bytes = min(getattr(cls, name).settings_now().max_body_bytes for name in hosts)
+    except SettingsError as exc:
+        raise SystemExit(f"[HYBRID] cannot start {cls.__name__}: {exc}") from None
     original_init = cls.__init__
 
     @functools.wraps(original_init)
@@ -264,7 +392,7 @@ def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = ()) ->
     def __is_ready__(self: Any) -> bool:
         waiting = [reason for ready, reason in (getattr(self, name).replica_ready() for name in hosts) if not ready]
         if waiting:
-            raise HTTPException(status_code=503, detail="not ready: " + "; ".join(waiting))
+            raise HTTPException(status_code=503, detail=redact_text("not ready: " + "; ".join(waiting)))
         return True
 
     @bentoml.on_shutdown
@@ -277,8 +405,12 @@ def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = ()) ->
         cls.__is_ready__ = __is_ready__
     cls._stop_registry_hosts = _stop_registry_hosts
     bentoml.asgi_app(admin_app(), path="/")(service)
+    # /metrics labels requests by path: only the routes this service has, any other path is `other`.
+    bound_request_endpoints(ADMIN_ROUTES)
     if hasattr(service, "add_asgi_middleware"):
-        # A JSON API's body is checked against the model BentoML builds from the API's signature.
+        # First (outer): no route reads a body over the limit; then a JSON API's body is checked
+        # against the model BentoML builds from the API's signature.
+        service.add_asgi_middleware(BodyLimit, max_bytes=max_body_bytes)
         schemas = {api.route: api.input_spec for api in getattr(service, "apis", {}).values() if api.route in json_routes}
         service.add_asgi_middleware(JSONOnly, routes=("/reload", *json_routes), schemas=schemas)
     return service

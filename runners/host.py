@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 from registry.coordination import CHANGED, CoordinationError, ReloadBus, ReloadOrder, replica_id, worker_id
 from registry.errors import ReloadFailed, UnknownModel
 from registry.logs import configure_logging, log_fields
+from registry.metrics import serve_models
 from registry.record import Resolution, Selector
 from registry.resolver import Resolver
 from registry.settings import RegistrySettings
@@ -72,6 +73,10 @@ class ModelHost:
             host = instance.__dict__[self._attribute] = ModelHost(*self._config[:1], models=self._config[1], runner=self._config[2]).start()
         return host
 
+    def settings_now(self) -> RegistrySettings:
+        """The settings this host will be built from (read from the environment unless given)."""
+        return self._config[0] or RegistrySettings.from_env()
+
     def check_configuration(self) -> None:
         """Read the settings and the gate sets as the workers will; raises SettingsError naming the variable."""
         from runners.gate import PromotionGate
@@ -92,6 +97,7 @@ class ModelHost:
         # BentoML's handlers pass WARNING and up from other loggers; our INFO lines (the final
         # choice of each resolution, swaps, reloads) are part of the product.
         configure_logging(settings.log_level, settings.log_format)
+        serve_models(settings.models)  # the only `model` label values besides `other`
         self.worker = worker_id()
         self.replica = replica_id()
         self.resolver = Resolver.from_settings(settings)

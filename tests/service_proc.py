@@ -26,6 +26,9 @@ class ServiceProcess(ManagedServer):
         super().__init__("service", argv, port, log_dir, env=full_env, cwd=cwd,
                          ready=http_ok(f"http://127.0.0.1:{port}/livez"), start_timeout=120)
         self.client = httpx.Client(base_url=self.url, timeout=60)
+        # The operator's view: /models and /registry/health give their detail only with the admin token.
+        token = full_env.get("REGISTRY_ADMIN_TOKEN") or ADMIN_TOKEN
+        self.admin = httpx.Client(base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {token}"})
 
     def wait_ready(self, timeout: float = 120) -> float:
         """Seconds until /readyz answered 200; fails with the service log otherwise."""
@@ -53,4 +56,5 @@ class ServiceProcess(ManagedServer):
 
     def stop(self) -> None:
         self.client.close()
+        self.admin.close()
         super().stop()

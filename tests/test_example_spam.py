@@ -52,13 +52,13 @@ def test_the_sklearn_example_serves_reloads_and_follows(tmp_path, server_logs, r
         assert body["model"]["version"] == "1" and body["model"]["source"] in ("redis", "mlflow")
         assert [p["label"] for p in body["predictions"]] == ["spam", "spam", "ham", "ham"]
         assert all(0.5 < p["score"] <= 1.0 for p in body["predictions"])
-        described = example.client.get("/models").json()["models"]["spam"]
+        described = example.admin.get("/models").json()["models"]["spam"]
         assert described["runner"]["form"] == "mlflow-pyfunc" and "sklearn" in described["runner"]["flavors"]
 
         classified = main.classify(SPAM + HAM, model=model)  # the main service serves any model a runner accepts
         assert classified.status_code == 200, classified.text
         assert [p["label"] for p in classified.json()["predictions"]] == ["spam", "spam", "ham", "ham"]
-        assert main.client.get("/models").json()["models"][model]["runner"]["form"] == "mlflow-pyfunc"
+        assert main.admin.get("/models").json()["models"][model]["runner"]["form"] == "mlflow-pyfunc"
 
         assert trainer.publish(publisher_settings, model, seed=2).record.version == "2"  # announced on the bus
         for service, score in ((example, lambda: example.client.post("/score", json={"texts": HAM})),

@@ -89,7 +89,7 @@ def reload(service: ServiceProcess, **body) -> httpx.Response:
 
 
 def serving(service: ServiceProcess) -> dict:
-    return service.client.get("/models").json()["models"][MODEL]
+    return service.admin.get("/models").json()["models"][MODEL]
 
 
 def mlflow_versions(stack) -> list[str]:
@@ -125,7 +125,7 @@ def start_at(stack, *, version: Optional[str] = None, alias: Optional[str] = Non
     restore_layers(stack)
 
     def no_circuit_open() -> bool:
-        layers = service.client.get("/registry/health").json()["layers"]
+        layers = service.admin.get("/registry/health").json()["layers"]
         return all((layer.get("circuit") or {}).get("state") != "open" for layer in layers)
 
     wait_for(no_circuit_open, 30, "every layer's circuit breaker to leave the open state")
@@ -226,7 +226,7 @@ def test_mlflow_down_and_cache_expired_serves_last_known_then_refreshes(stack):
             freshness = serving(service)["registry"]
             # the stale answer says how old it is: no older than this module's stack
             assert freshness["stale"] is True and 0 <= freshness["age_s"] <= time.time() - stack["started"] + 1, freshness
-            health = service.client.get("/registry/health").json()
+            health = service.admin.get("/registry/health").json()
             assert health["serving"][MODEL]["registry"]["stale"] is True
             assert health["signed"] is True
         finally:
@@ -380,7 +380,7 @@ def test_backup_disk_full_or_read_only(stack):
             r.delete(CACHE_KEY)
             assert reload(service, version="2").status_code == 200
             assert reload(service, alias="best").status_code == 200
-            layers = {layer["source"]: layer for layer in service.client.get("/registry/health").json()["layers"]}
+            layers = {layer["source"]: layer for layer in service.admin.get("/registry/health").json()["layers"]}
             assert "No space left on device" in layers["file"]["detail"]
             filler.unlink()
             subprocess.run(["mount", "-o", "remount,ro", str(backup.parent)], check=True)
@@ -388,13 +388,13 @@ def test_backup_disk_full_or_read_only(stack):
                 r.delete(CACHE_KEY)
                 assert reload(service, version="1").status_code == 200
                 assert reload(service, alias="best").status_code == 200
-                layers = {layer["source"]: layer for layer in service.client.get("/registry/health").json()["layers"]}
+                layers = {layer["source"]: layer for layer in service.admin.get("/registry/health").json()["layers"]}
                 assert "Read-only file system" in layers["file"]["detail"]
             finally:
                 subprocess.run(["mount", "-o", "remount,rw", str(backup.parent)], check=True)
             r.delete(CACHE_KEY)
             assert reload(service, alias="best").status_code == 200
-            layers = {layer["source"]: layer for layer in service.client.get("/registry/health").json()["layers"]}
+            layers = {layer["source"]: layer for layer in service.admin.get("/registry/health").json()["layers"]}
             assert "last write failed" not in layers["file"]["detail"]
         finally:
             filler.unlink(missing_ok=True)  # the tmpfs is writable again by now

@@ -109,11 +109,11 @@ def test_alias_moves_reach_both_replicas_by_webhook_under_load_with_gate_and_rol
         client.set_registered_model_alias(PREFIX + model, "champion", "2")  # MLflow calls the first replica only
         for service in (first, second):
             wait_for(lambda s=service: served_version(s) == "2", 60, f"{service.url} to serve version 2")
-        health = first.client.get("/registry/health").json()
+        health = first.admin.get("/registry/health").json()
         assert health["follow"]["last"][model]["trigger"] == "webhook", health["follow"]
         cached = read_cache(env).section(model, source="redis")  # refreshed from MLflow before the rollout
         assert "champion" in next(r for r in cached.versions if r.version == "2").aliases
-        assert first.client.get("/models").json()["models"][model]["gate"]["accuracy"] == 1.0
+        assert first.admin.get("/models").json()["models"][model]["gate"]["accuracy"] == 1.0
 
         client.set_registered_model_alias(PREFIX + model, "champion", "1")  # rollback: like any move
         for service in (first, second):
@@ -121,7 +121,7 @@ def test_alias_moves_reach_both_replicas_by_webhook_under_load_with_gate_and_rol
 
         publish(settings, model, ["3"])  # says SAFE to every must-catch example
         client.set_registered_model_alias(PREFIX + model, "champion", "3")
-        refused = wait_for(lambda: (c := first.client.get("/models").json()["models"][model].get("candidate")) and
+        refused = wait_for(lambda: (c := first.admin.get("/models").json()["models"][model].get("candidate")) and
                            c["version"] == "3" and c, 60, "the gate to refuse version 3")
         assert refused["version"] == "3" and refused["status"] == "refused" and refused["gate"]["accuracy"] == 0.0, refused
         load.__exit__()
@@ -130,7 +130,7 @@ def test_alias_moves_reach_both_replicas_by_webhook_under_load_with_gate_and_rol
         assert load.versions["1"] > 0 and load.versions["2"] > 0 and load.versions["3"] == 0
 
         # Deliveries that are not MLflow's: nothing rolls out.
-        generation = first.client.get("/registry/health").json()["reload_bus"]["generation"]
+        generation = first.admin.get("/registry/health").json()["reload_bus"]["generation"]
         body = alias_event(model, "champion", "2")
         raw = json.dumps(body).encode()
         assert first.client.post("/registry/webhook", content=raw).status_code == 401  # no signature
@@ -141,14 +141,14 @@ def test_alias_moves_reach_both_replicas_by_webhook_under_load_with_gate_and_rol
         accepted_at = time.time()
         assert deliver(first, alias_event(model, "other", "1"), delivery_id=replayed).status_code == 202
         # The accepted delivery reconciles in the background: wait until it has, then check nothing rolled out.
-        wait_for(lambda: first.client.get("/registry/health").json()["follow"]["last"][model]["at"] >= accepted_at, 60,
+        wait_for(lambda: first.admin.get("/registry/health").json()["follow"]["last"][model]["at"] >= accepted_at, 60,
                  "the accepted delivery's reconcile")
         again = deliver(first, alias_event(model, "other", "1"), delivery_id=replayed)
         assert again.status_code == 200 and again.json()["status"] == "duplicate"
         assert deliver(second, alias_event(model, "other", "1"), delivery_id=replayed).json()["status"] == "duplicate"
         ignored = deliver(first, alias_event("someone_elses_model", "champion", "1"))
         assert ignored.status_code == 200 and ignored.json()["status"] == "ignored"
-        assert first.client.get("/registry/health").json()["reload_bus"]["generation"] == generation
+        assert first.admin.get("/registry/health").json()["reload_bus"]["generation"] == generation
         assert served_version(first) == served_version(second) == "1"
     finally:
         load.__exit__()
@@ -212,9 +212,9 @@ def test_new_replica_starts_on_what_others_serve_while_the_wanted_version_cannot
         newcomer = replica(tmp_path, server_logs, env, "new").start()
         newcomer.wait_ready(timeout=120)
         assert served_version(newcomer) == "1"
-        described = newcomer.client.get("/models").json()["models"][model]
+        described = newcomer.admin.get("/models").json()["models"][model]
         assert described["wanted"]["version"] == "2" and "sha256 mismatch" in described["wanted"]["reason"], described
-        health = newcomer.client.get("/registry/health").json()
+        health = newcomer.admin.get("/registry/health").json()
         assert health["degraded"] is True and health["wanted"][model]["version"] == "2"
     finally:
         pinned.stop()
@@ -236,7 +236,7 @@ def test_a_poisoned_cache_entry_does_not_keep_a_replica_down(tmp_path, server_lo
     try:
         service.wait_ready(timeout=90)
         assert served_version(service) == "1"
-        trail = service.client.get("/models").json()["models"][model]["trail"]
+        trail = service.admin.get("/models").json()["models"][model]["trail"]
         assert [(s["source"], s["outcome"]) for s in trail][:2] == [("redis", "rejected"), ("mlflow", "hit")], trail
         assert "REGISTRY_ALLOWED_URIS" in trail[0]["detail"]
     finally:

@@ -367,7 +367,7 @@ def test_service_keeps_serving_through_a_sentinel_failover(tmp_path, server_logs
     load = ClassifyLoad(service.url, [PROBE, "what is the capital of France?"], threads=3)
     try:
         service.wait_ready()  # one worker's answer: the other may still be loading
-        wait_for(lambda: [s.get(model) for s in service.client.get("/registry/health").json()["reload_bus"]["serving"].values()]
+        wait_for(lambda: [s.get(model) for s in service.admin.get("/registry/health").json()["reload_bus"]["serving"].values()]
                  == ["2", "2"], 120, "both workers to serve version 2")
         assert served_version(service.client) == "2"
         wait_for(lambda: cached_on(group.master.port), 30, "the start-up write-back on the first master")
@@ -414,7 +414,7 @@ def test_service_keeps_serving_through_a_sentinel_failover(tmp_path, server_logs
         assert {served_version(service.client) for _ in range(6)} == {"2"}
         assert int(group.server(new, db).get(f"{key}:reload:generation")) == generation + 2
 
-        health = service.client.get("/registry/health").json()
+        health = service.admin.get("/registry/health").json()
         assert health["reload_bus"]["reachable"] is True and len(health["reload_bus"]["live_workers"]) == 2, health["reload_bus"]
         redis_layer = next(layer for layer in health["layers"] if layer["source"] == "redis")
         assert redis_layer["reachable"] is True, redis_layer

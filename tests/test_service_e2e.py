@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import select
+import socket
 import threading
+import uuid
 from pathlib import Path
 
 import boto3
@@ -73,17 +77,25 @@ def test_every_artifact_form_loads_predicts_and_reloads(tmp_path, server_logs, r
         response = service.reload(model=MODEL, alias="best")
         assert response.json()["current"]["version"] == "3"
 
+        long = service.classify(["hello there", PROBE + " and the weather is fine" * 80])  # 4 windows of the 128-token model
+        assert long.status_code == 200, long.text
+        short_answer, long_answer = long.json()["predictions"]
+        assert (short_answer["windows"], short_answer["span"], short_answer["truncated"]) == (1, [0, 11], False)
+        assert long_answer["windows"] == 4 and long_answer["truncated"] is False
+
         pretrained = service.classify(["hello there"], model="pretrained_only")
         assert pretrained.status_code == 200
         assert pretrained.json()["model"] == {"name": "pretrained_only", "version": "0", "source": "huggingface", "uri": str(hf_dir)}
         assert pretrained.json()["predictions"][0]["label"] == tiny_predictions(21, ["hello there"])[0][0]
 
-        models = service.client.get("/models").json()
+        models = service.admin.get("/models").json()
         assert models["ready"] and models["models"][MODEL]["runner"]["form"] == "mlflow-pytorch-pt2"
+        assert models["models"][MODEL]["runner"]["reading"] == {"mode": "windows", "window": 128, "stride": 94, "overlap": 32,
+                                                                 "positive_labels": ["INJECTION"]}
         assert (models["models"][MODEL]["forward_threads"], models["models"][MODEL]["torch_threads"]) == \
             forward_plan(None, None, workers=1, cuda=False)
         assert models["models"][MODEL]["trail"][-1]["outcome"] == "hit"
-        health = service.client.get("/registry/health").json()
+        health = service.admin.get("/registry/health").json()
         assert [layer["source"] for layer in health["layers"]] == ["redis", "training_api", "mlflow", "file", "huggingface"]
         assert health["layers"][2]["models"][MODEL]["versions"] == ["1", "2", "3"]
         assert health["signed"] is False, "no REGISTRY_SIGNING_KEY: health says the registry is unsigned"
@@ -151,7 +163,7 @@ def test_reload_under_load_two_workers_same_version_zero_failures(tmp_path, serv
         seen: dict[str, str] = {}
 
         def both_workers_seen() -> bool:
-            with httpx.Client(base_url=service.url, timeout=10) as fresh:  # new connection: any worker may answer
+            with httpx.Client(base_url=service.url, timeout=10, headers=service.admin.headers) as fresh:  # new connection: any worker may answer
                 body = fresh.get("/models").json()
             seen[body["worker"]] = body["models"][MODEL]["version"]
             return len(seen) == 2
@@ -191,10 +203,104 @@ def test_admin_token_and_bad_inputs(tmp_path, server_logs, redis_srv, mlflow_srv
         for raw in (b"{not json", b"", b"\xff\xfe", b"null"):
             response = service.client.post("/classify", content=raw, headers={"Content-Type": "application/json"})
             assert 400 <= response.status_code < 500, (raw, response.status_code, response.text)
-        # still serving, nothing broke
+
+        # Model names a client makes up never become label values of /metrics: they are counted as one bucket.
+        made_up = [f"made_up_{uuid.uuid4().hex[:8]}" for _ in range(10)]
+        for name in made_up:
+            assert service.classify(["ok"], model=name).status_code == 404
+            assert service.reload(model=name).status_code == 404
+        metrics = service.client.get("/metrics").text
+        assert not [name for name in made_up if name in metrics], "a client's model name became a metric label"
+        assert f'model="{MODEL}"' in metrics
+
+        # A body far over REGISTRY_MAX_BODY_BYTES is refused (413) before it is read: by its Content-Length at
+        # once, and a chunked one as it streams in; the worker's memory does not grow by anything near its size.
+        worker = worker_pid(service.proc.pid)
+        before = rss_bytes(worker)
+        status, sent = post_raw(service.port, "/classify", 300 * MIB, chunked=False)
+        assert status == 413 and sent == 0, (status, sent)
+        peak = [before]
+        status, sent = post_raw(service.port, "/classify", 300 * MIB, chunked=True, sample=lambda: peak.append(rss_bytes(worker)))
+        peak.append(rss_bytes(worker))
+        assert status == 413, (status, sent)
+        assert sent < 100 * MIB, f"the service read {sent} bytes of a 300 MB body before refusing it"
+        assert max(peak) - before < 100 * MIB, f"worker RSS grew by {(max(peak) - before) / MIB:.0f} MiB"
+        assert post_raw(service.port, "/reload", 40 * MIB, chunked=False)[0] == 413
+        log = service.log_path.read_text(errors="replace")
+        assert "413" in log and "REGISTRY_MAX_BODY_BYTES" in log
+        # still serving, nothing broke, and no client mistake above logged a traceback
         assert service.classify(["still fine"]).status_code == 200
+        assert "Traceback" not in log, log[log.find("Traceback") - 500:][:3000]
     finally:
         service.stop()
+
+
+MIB = 1024 * 1024
+
+
+def worker_pid(root: int) -> int:
+    """The BentoML worker process below `bentoml serve` (pid `root`), found in /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            parents[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+
+    def below(pid: int) -> bool:
+        while pid in parents and pid != root:
+            pid = parents[pid][0]
+        return pid == root
+
+    workers = [pid for pid, (_, cmdline) in parents.items() if pid != root and below(pid) and b"worker" in cmdline]
+    assert len(workers) == 1, f"expected one worker below {root}: {workers}"
+    return workers[0]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def post_raw(port: int, path: str, size: int, *, chunked: bool, sample=None) -> tuple[int, int]:
+    """POST a `size`-byte body (declared by Content-Length, or chunked from a generator) over a raw socket,
+    stopping as soon as the server answers; (status, bytes sent)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    framing = b"Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}".encode()
+    sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + framing + b"\r\n\r\n")
+    chunk = b"x" * MIB
+    frame = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" if chunked else chunk
+    sent, answer = 0, b""
+    try:
+        while sent < size:
+            if select.select([sock], [], [], 0 if sent else 0.5)[0]:
+                break  # the server answered (or closed) before the body was sent
+            sock.sendall(frame)
+            sent += len(chunk)
+            if sample is not None and sent % (8 * MIB) == 0:
+                sample()
+        else:
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    try:
+        while b"\r\n" not in answer:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    except (ConnectionResetError, socket.timeout):
+        pass
+    finally:
+        sock.close()
+    status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+    return status, sent
 
 
 def test_reload_disabled_without_token(tmp_path, server_logs, redis_srv, mlflow_srv, training_api_srv, s3_srv, published):

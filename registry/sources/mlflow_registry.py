@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from registry.errors import SourceUnavailable
+from registry.redaction import redact_text
 from registry.mlflow_env import configure_mlflow_http
 from registry.payload import ModelSection, RegistryPayload
 from registry.record import ModelRecord, Selector
@@ -90,9 +91,9 @@ class MLflowRegistrySource(RegistrySource):
         except MlflowException as exc:
             if missing_ok and exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return None
-            raise SourceUnavailable(self.source_id, f"{what}: {exc.error_code}: {str(exc.message)[:300]}") from exc
+            raise SourceUnavailable(self.source_id, f"{what}: {exc.error_code}: {redact_text(str(exc.message))[:300]}") from exc
         except Exception as exc:  # requests / sqlalchemy errors surface raw from some stores
-            raise SourceUnavailable(self.source_id, f"{what}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+            raise SourceUnavailable(self.source_id, f"{what}: {type(exc).__name__}: {redact_text(str(exc))[:300]}") from exc
 
     def _record(self, name: str, mv: "ModelVersion", aliases: list[str]) -> ModelRecord:
         tags = dict(mv.tags or {})
@@ -196,4 +197,4 @@ class MLflowRegistrySource(RegistrySource):
                 out[name] = section_summary(self.section(name))
         except SourceUnavailable as exc:
             return LayerHealth(self.source_id, False, (time.perf_counter() - start) * 1000, exc.reason)
-        return LayerHealth(self.source_id, True, (time.perf_counter() - start) * 1000, self.tracking_uri, out)
+        return LayerHealth(self.source_id, True, (time.perf_counter() - start) * 1000, redact_text(self.tracking_uri), out)

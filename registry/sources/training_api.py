@@ -8,6 +8,7 @@ import httpx
 
 from registry.errors import SourceUnavailable
 from registry.payload import RegistryPayload
+from registry.redaction import redact_text
 from registry.settings import RegistrySettings
 from registry.signing import PayloadCodec
 from registry.sources.payload_source import PayloadSource
@@ -46,11 +47,11 @@ class TrainingAPISource(PayloadSource):
         if response.status_code == 404:
             return None
         if response.status_code != 200:
-            raise SourceUnavailable(self.source_id, f"HTTP {response.status_code} from {response.request.url}")
-        return self.decode(response.content, where=f"training API {response.request.url}")
+            raise SourceUnavailable(self.source_id, f"HTTP {response.status_code} from {redact_text(str(response.request.url))}")
+        return self.decode(response.content, where=f"training API {redact_text(str(response.request.url))}")
 
     def health_detail(self, payload: Optional[RegistryPayload]) -> str:
-        return self.base_url
+        return redact_text(self.base_url)
 
     def close(self) -> None:
         self.client.close()
