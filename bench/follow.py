@@ -229,14 +229,14 @@ class Fleet:
         who = {}
         for svc in live:  # which trigger rolled out, on which replica (after the window: health asks MLflow too)
             with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
-                follow = svc.client.get("/registry/health").json()["follow"]
+                follow = svc.admin.get("/registry/health").json()["follow"]
                 last = follow.get("last", {}).get(self.model)
                 if last and last.get("at", 0) >= wall0 - 0.5:  # this move's reconcile, not an earlier one's
                     who[svc.url] = {k: last.get(k) for k in ("trigger", "action", "version", "elapsed_ms", "acknowledged", "at")}
         loads = []
         for svc in live:
             with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
-                loads.append(svc.client.get("/models").json()["models"][self.model]["runner"]["load_seconds"])
+                loads.append(svc.admin.get("/models").json()["models"][self.model]["runner"]["load_seconds"])
         converged = None if any(r is None for r in per_replica) else max(per_replica)
         return {"target": target, "set_alias_s": round(set_s, 4), "replicas_s": per_replica, "all_s": converged,
                 "mlflow_requests": requests, "last_reconcile": who, "replica_load_seconds": loads}

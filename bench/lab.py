@@ -141,6 +141,9 @@ class Lab:
             "REGISTRY_BACKUP_PATH": str(self.run_dir / f"service-{self._services}-registry.json"),
             "REGISTRY_ARTIFACT_CACHE": str(demo.artifact_cache),
             "REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN,
+            # The areas read the operator's detail of /models and /registry/health (load times, batch
+            # counters, the follower) on the same open client as their load.
+            "REGISTRY_HEALTH_DETAIL": "open",
             **extra,
         }
 
