@@ -17,7 +17,7 @@ SERVE_MODELS ?= prompt_injection
 export REGISTRY_RELOAD_DIR ?= $(CURDIR)/data/reload
 PORT ?= 3000
 
-.PHONY: setup test serve demo-model training-api bench build container container-test example-wheel clean
+.PHONY: setup test serve demo-model training-api bench plots docs build container container-test example-wheel clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,14 @@ training-api: setup
 # Benchmarks beside their baselines: make bench BENCH_ARGS='--quick --only resolution,hotpath'
 bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The docs' plots from a results file: make plots BENCH_RESULTS=bench/results.json (default: the reference run)
+plots: setup
+	$(BIN)/python -m bench.plots $(BENCH_RESULTS)
+
+# The reference pages (docs/, mkdocs-material) into .cache/site; `mkdocs serve` to browse them
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 build: setup
 	$(BIN)/bentoml build

@@ -125,13 +125,13 @@ class RegistrySettings(BaseSettings):
     """Registered model name = prefix + model name."""
 
     mlflow_timeout: float = Field(3.0, gt=0)
-    """Seconds for one MLflow REST request (sets MLFLOW_HTTP_REQUEST_TIMEOUT)."""
+    """Seconds for one MLflow REST request (sets `MLFLOW_HTTP_REQUEST_TIMEOUT` unless that is set)."""
 
     mlflow_retries: int = Field(1, ge=0)
-    """Retries of one MLflow REST request (sets MLFLOW_HTTP_REQUEST_MAX_RETRIES); the chain is the fallback."""
+    """Retries of one MLflow REST request (sets `MLFLOW_HTTP_REQUEST_MAX_RETRIES` unless that is set); the chain is the fallback."""
 
     breaker_failures: int = Field(3, ge=1)
-    """Failures in a row after which a layer is not asked until `breaker_reset` seconds pass."""
+    """Failures in a row after which a layer is not asked until `REGISTRY_BREAKER_RESET` seconds pass."""
 
     breaker_reset: float = Field(30.0, gt=0)
     """Seconds a tripped layer is left alone before one call probes it again."""
@@ -152,13 +152,13 @@ class RegistrySettings(BaseSettings):
     """Bearer token for `/reload`; unset refuses every reload (403)."""
 
     workers: int = Field(1, ge=1)
-    """BentoML workers for the service."""
+    """BentoML worker processes of the service (read when `service.py` is imported, also when a built bento is served)."""
 
     signing_key: Optional[SecretStr] = None
     """HMAC-SHA256 key for registry payloads; unset = unsigned."""
 
     allowed_uris: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """URI prefixes a model may come from (comma-separated); empty = any."""
+    """URI prefixes a model may come from (comma-separated), e.g. `models:/,s3://artifacts/`; unset = any."""
 
     allow_pickle: bool = False
     """Load pickle-format artifacts whose digest is unknown."""
@@ -175,7 +175,8 @@ class RegistrySettings(BaseSettings):
 
     forward_threads: Optional[int] = Field(None, ge=1)
     """Forward passes a worker runs at once, each on its own batch, all on one copy of the model.
-    Unset or `auto`: 1 on a GPU; on a CPU 2 when the worker's share of the CPUs is 2 or more."""
+    Unset or `auto`: 1 on a GPU; on a CPU 2 when the worker's share of the CPUs is 2 or more, else 1 (with
+    `REGISTRY_WORKERS=2` on 2 cores: 1 lane per worker)."""
 
     torch_threads: Optional[int] = Field(None, ge=1)
     """Torch threads of each forward pass. Unset or `auto`: the worker's share of the CPUs
@@ -187,13 +188,13 @@ class RegistrySettings(BaseSettings):
     """Extra milliseconds a batch waits for more requests; 0 = take what queued while the model was busy."""
 
     reload_dir: Optional[Path] = None
-    """Directory of the local reload bus (no Redis); default: private to this service run."""
+    """Directory of the local reload bus (used without Redis); unset: a temporary directory private to this service run."""
 
     reload_ack_timeout: float = Field(120.0, gt=0)
     """Seconds a reload waits for the other workers to acknowledge."""
 
     retry_interval: float = Field(10.0, gt=0)
-    """Seconds between start-up resolution attempts while a model cannot be loaded."""
+    """Seconds between start-up resolution attempts while a model cannot be loaded, and between revalidations of stale records."""
 
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     """Level of the service's own loggers (registry, runners, service)."""
@@ -208,7 +209,7 @@ class RegistrySettings(BaseSettings):
     """Seconds between reconcile polls of the authority (MLflow); one poll per interval per reload bus."""
 
     webhook_secret: Optional[SecretStr] = None
-    """Secret of MLflow's registry webhooks; `POST /registry/webhook` is off without it."""
+    """Secret of MLflow's registry webhooks; `POST /registry/webhook` verifies every delivery with it, and is off (404) without it."""
 
     webhook_tolerance: float = Field(300.0, gt=0)
     """Seconds a webhook's `X-MLflow-Timestamp` may be away from now before the delivery is refused."""
@@ -251,7 +252,7 @@ class RegistrySettings(BaseSettings):
 
     positive_labels: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Labels (comma-separated) whose probability makes a window win in `windows` mode, e.g.
-    `INJECTION,PHISHING`. Unset: every label of the model but the benign ones."""
+    `INJECTION,PHISHING`. Unset: every label of the model but the benign ones. A model with none of them fails to load."""
 
     benign_labels: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(BENIGN_LABELS))
     """Labels (comma-separated, any case) that are not positive when `REGISTRY_POSITIVE_LABELS` is unset."""

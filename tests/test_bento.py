@@ -18,9 +18,9 @@ from typing import Any, Iterator, Optional
 import httpx
 import pytest
 import yaml
-from pydantic import AliasChoices
 from pydantic.fields import FieldInfo
 
+from docs import configuration
 from registry.settings import ENV_PREFIX, RegistrySettings
 from tests.servers import QUIET_ENV, VENV_BIN, ManagedServer, free_port, http_ok
 
@@ -42,25 +42,9 @@ DEPLOYMENT_VALUES: dict[str, Any] = {
 }
 
 
-def env_name(field_name: str, field: FieldInfo) -> str:
-    """The variable a settings field is read from: its first environment alias, else REGISTRY_<FIELD>."""
-    alias = field.validation_alias
-    choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
-    for choice in choices:
-        if isinstance(choice, str) and choice.isupper():
-            return choice
-    return ENV_PREFIX + field_name.upper()
-
-
 def setting_fields() -> dict[str, tuple[type, str, FieldInfo]]:
-    """Variable -> (settings class, field name, field) for the plugin's settings and the service's own limits."""
-    from service import ClassifierLimits
-
-    out: dict[str, tuple[type, str, FieldInfo]] = {}
-    for cls in (RegistrySettings, ClassifierLimits):
-        for name, field in cls.model_fields.items():
-            out[env_name(name, field)] = (cls, name, field)
-    return out
+    """Variable -> (settings class, field name, field): what the configuration reference lists (docs/configuration.py)."""
+    return {variable: (cls, name, field) for variable, cls, name, field in configuration.fields()}
 
 
 def bentofile_envs() -> dict[str, Optional[str]]:
