@@ -374,7 +374,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         startup["poll"] = poll.generation()
         poll_moves = []
         phase = random.Random(5)  # moves land at random points of the poll cycle, not just after a poll
-        for i in range(moves_poll):
+        for _ in range(moves_poll):
             target = "2" if current == "1" else "1"
             poll_moves.append(poll.move(client, target, timeout=3 * conv_interval + 30))
             current = target

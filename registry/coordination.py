@@ -42,6 +42,8 @@ HEARTBEAT_TTL = 6.0
 class CoordinationError(RegistryError):
     """The reload bus (Redis or the local directory) could not be used."""
 
+    status = 503
+
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -133,7 +135,7 @@ class ReloadBus(abc.ABC):
         """What each live worker (of every replica on this bus) serves: worker -> model -> version."""
         return {worker: dict(beat.get("serving") or {}) for worker, beat in sorted(self.beats().items())}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a bus holding no connection has nothing to release
         """Release connections."""
 
     def wait_for_acks(self, generation: int, timeout: float, poll: float = 0.1) -> tuple[dict[str, dict[str, Any]], list[str]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Protocol, Sequence, Union
 
 from registry.errors import ArtifactError, SettingsError
 from registry.record import ModelRecord

@@ -79,7 +79,7 @@ class PyfuncRunner(Runner):
         predictions = raw.predict(texts) if raw is not None and hasattr(raw, "predict") else self._model.predict(texts)
         if hasattr(predictions, "to_dict"):  # a DataFrame: one record per row
             predictions = predictions.to_dict(orient="records")
-        return [p if isinstance(p, dict) else {"label": str(getattr(p, "item", lambda: p)())} for p in list(predictions)]
+        return [p if isinstance(p, dict) else {"label": str(p.item() if hasattr(p, "item") else p)} for p in list(predictions)]
 
     def details(self) -> dict[str, Any]:
         return {"flavors": self.flavors}

@@ -176,7 +176,8 @@ def test_lost_event_is_caught_by_the_poll_and_deleted_versions_are_final(tmp_pat
         wait_for(lambda: any(f"[HYBRID] poll {model}: version 2" in s.log_path.read_text() for s in (first, second)), 30,
                  "the poll's rollout of version 2 in a replica's log")
 
-        MlflowClient(tracking_uri=mlflow_srv.url, registry_uri=mlflow_srv.url).delete_model_version(PREFIX + model, "2")  # MLflow has no event for this
+        # MLflow has no event for this
+        MlflowClient(tracking_uri=mlflow_srv.url, registry_uri=mlflow_srv.url).delete_model_version(PREFIX + model, "2")
         for service in (first, second):
             wait_for(lambda s=service: served_version(s) == "1", 60, f"{service.url} to roll back after the deletion")
         cache = read_cache(env).section(model, source="redis")

@@ -21,7 +21,7 @@ def scrape(service: ServiceProcess) -> list[tuple[str, dict[str, str], float]]:
 
 
 def total(samples, name: str, **labels: str) -> float:
-    return sum(v for n, l, v in samples if n == name and all(l.get(k) == want for k, want in labels.items()))
+    return sum(v for n, tags, v in samples if n == name and all(tags.get(k) == want for k, want in labels.items()))
 
 
 def test_metrics_move_with_resolutions_reloads_and_a_failing_layer(tmp_path, server_logs, mlflow_srv, s3_srv):
@@ -40,7 +40,7 @@ def test_metrics_move_with_resolutions_reloads_and_a_failing_layer(tmp_path, ser
         service.wait_ready()
         # Both workers serve version 2: one series per worker (pid) at 1.
         before = wait_for(lambda: (s := scrape(service)) and
-                          sum(1 for n, l, v in s if n == "registry_model_info" and l["version"] == "2" and v == 1) == 2 and s,
+                          sum(1 for n, tags, v in s if n == "registry_model_info" and tags["version"] == "2" and v == 1) == 2 and s,
                           30, "both workers to report version 2 in registry_model_info")
         assert total(before, "registry_resolutions_total", model=model, layer="training_api", outcome="unavailable") >= 2
         assert total(before, "registry_resolutions_total", model=model, layer="mlflow", outcome="hit") >= 2
@@ -56,7 +56,7 @@ def test_metrics_move_with_resolutions_reloads_and_a_failing_layer(tmp_path, ser
         assert total(after, "registry_reloads_total", model=model, trigger="reload", outcome="ok") == 1
         assert total(after, "registry_reloads_total", model=model, trigger="bus", outcome="ok") == 1
         assert total(after, "registry_model_load_seconds_count", model=model) == 4
-        info = {(l["version"], v) for n, l, v in after if n == "registry_model_info" and l["model"] == model}
+        info = {(tags["version"], v) for n, tags, v in after if n == "registry_model_info" and tags["model"] == model}
         assert ("1", 1.0) in info and ("2", 0.0) in info and ("2", 1.0) not in info, info
         assert total(after, "registry_resolutions_total", model=model, layer="training_api", outcome="unavailable") > \
             total(before, "registry_resolutions_total", model=model, layer="training_api", outcome="unavailable")

@@ -103,7 +103,8 @@ def test_hf_pt2_artifact_loads_in_a_fresh_process(tmp_path: Path, monkeypatch: p
 
 def _archive(path: Path, type_name: str) -> Path:
     """A pt2-shaped zip whose one program returns a pytree node of `type_name`."""
-    out_spec = json.dumps([1, {"type": type_name, "context": "[\"logits\"]", "children_spec": [{"type": None, "context": None, "children_spec": []}]}])
+    leaf = {"type": None, "context": None, "children_spec": []}
+    out_spec = json.dumps([1, {"type": type_name, "context": "[\"logits\"]", "children_spec": [leaf]}])
     leaf_tuple = json.dumps([1, {"type": "builtins.tuple", "context": "null", "children_spec": []}])
     program = {"graph_module": {"module_call_graph": [{"fqn": "", "signature": {"in_spec": leaf_tuple, "out_spec": out_spec}}]}}
     with zipfile.ZipFile(path, "w") as archive:

@@ -264,7 +264,8 @@ def test_pt2_with_static_shapes_is_padded_and_chunked(published: Published, tmp_
         _LogitsOnly.wrap(published.model), str(artifact), serialization_format="pt2", input_example=inputs, signature=signature,
         extra_files=sorted(str(p) for p in files.iterdir()), pip_requirements=PIP_REQUIREMENTS,
     )
-    record = ModelRecord(name="static", version="1", model_uri=str(artifact), artifact_uri=str(artifact), sha256=tree_sha256(artifact), source="mlflow")
+    record = ModelRecord(name="static", version="1", model_uri=str(artifact), artifact_uri=str(artifact), sha256=tree_sha256(artifact),
+                         source="mlflow")
 
     runner = TextClassificationRunner(record, _settings(published, tmp_path), device="cpu")
     runner.load()

@@ -198,7 +198,7 @@ def test_real_mlflow_server_deliveries_verify_and_parse(mlflow_srv):
             ]
             for count, (act, expected) in enumerate(steps, start=1):
                 act()
-                rx.wait_for(f"{expected['entity']}.{expected['action']}", lambda: len(rx.events(name)) >= count)
+                rx.wait_for(f"{expected['entity']}.{expected['action']}", lambda count=count: len(rx.events(name)) >= count)
             with rx.changed:
                 received = rx.events(name)
         finally:

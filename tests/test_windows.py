@@ -51,7 +51,7 @@ def trained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         texts.append(" ".join(words))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for epoch in range(6):
+    for _ in range(6):
         for start in range(0, len(texts), 16):
             batch = tokenizer(texts[start:start + 16], padding=True, truncation=True, max_length=WINDOW, return_tensors="pt")
             loss = model(**batch, labels=torch.tensor(labels[start:start + 16])).loss
