@@ -153,9 +153,9 @@ def render(data: dict[str, Any], console: Any) -> None:
         table = Table()
         for column in ("model", "version", "sha256", "status", "checked in", "detail"):
             table.add_column(column, overflow="fold")
-        colour = {"ok": "green", "no_digest": "yellow"}
+        colours = {"ok": "green", "no_digest": "yellow"}
         for e in data["entries"]:
-            status = f"[{colour.get(e['status'], 'red')}]{e['status']}[/]"
+            status = f"[{colours.get(e['status'], 'red')}]{e['status']}[/]"
             table.add_row(e["model"], str(e["version"] or "?"), (e["sha256"] or "—")[:12], status, e.get("where") or "",
                           esc(e.get("detail") or ""))
         console.print(table)

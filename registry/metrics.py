@@ -151,5 +151,5 @@ def bound_request_endpoints(routes: Iterable[str]) -> bool:
         return result
 
     bounded_setup._registry_bounded = True  # type: ignore[attr-defined]
-    middleware._setup = bounded_setup
+    middleware._setup = bounded_setup  # type: ignore[method-assign]  # the guarded patch described above
     return True

@@ -42,8 +42,9 @@ def mlflow_uris(uri: Optional[str]) -> Iterator[None]:
         # MLflow's own module state, not get_*_uri(): those compute a default (a local sqlite
         # store) that, set back, would stick for every client created later in this process.
         previous = (tracking_state._tracking_uri, registry_state._registry_uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+        # None is what MLflow keeps when nothing is set: its annotations say str only.
+        mlflow.set_tracking_uri(uri)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(uri)  # type: ignore[arg-type]
         try:
             yield
         finally:

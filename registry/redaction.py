@@ -27,7 +27,7 @@ import logging
 import os
 import re
 import threading
-from typing import Any, Iterable, Optional, TextIO
+from typing import Any, Iterable, Mapping, Optional, TextIO
 from urllib.parse import quote, unquote
 
 MASK = "***"
@@ -178,13 +178,13 @@ def register_url(url: Optional[str]) -> None:
         register_secret(secret)
 
 
-def register_environment(environ: Optional[dict[str, str]] = None) -> None:
+def register_environment(environ: Optional[Mapping[str, str]] = None) -> None:
     """The stack's own credential variables (AWS keys, MLflow's password and token, URLs holding passwords)."""
-    environ = os.environ if environ is None else environ
+    variables: Mapping[str, str] = os.environ if environ is None else environ
     for name in SECRET_VARIABLES:
-        register_secret(environ.get(name) or None)
+        register_secret(variables.get(name) or None)
     for name in URL_VARIABLES:
-        register_url(environ.get(name))
+        register_url(variables.get(name))
 
 
 # -- logs ----------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ class RedactingFilter(logging.Filter):
             record.exc_text = redact_text(record.exc_text)
         if record.stack_info:
             record.stack_info = redact_text(record.stack_info)
-        record._redacted = True  # type: ignore[attr-defined]
+        record._redacted = True
         return True
 
 
@@ -223,7 +223,7 @@ def install_log_redaction(loggers: Iterable[str] = ()) -> None:
     for name in loggers:
         _add_filter(logging.getLogger(name))
     seen: set[int] = set()
-    candidates = [logging.getLogger()] + [l for l in list(logging.Logger.manager.loggerDict.values()) if isinstance(l, logging.Logger)]
+    candidates = [logging.getLogger()] + [x for x in list(logging.Logger.manager.loggerDict.values()) if isinstance(x, logging.Logger)]
     for logger in candidates:
         for handler in list(logger.handlers):
             if id(handler) not in seen:

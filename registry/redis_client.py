@@ -159,7 +159,7 @@ def _parse_sentinel_url(url: str) -> SentinelURL:
 class SentinelMasterRedis(redis.Redis):
     """The master's client; closing it also closes the connections to the sentinels."""
 
-    sentinel: Optional[Sentinel] = None
+    sentinel: Optional[Sentinel] = None  # type: ignore[assignment]  # redis-py's own `sentinel` command, shadowed on purpose
 
     def close(self) -> None:
         super().close()

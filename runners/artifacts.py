@@ -165,11 +165,11 @@ class ArtifactStore:
             try:
                 (dst / "direct").mkdir(parents=True)
                 if record.artifact_uri.startswith("s3://"):
-                    local = self._download_s3(record.artifact_uri, dst / "direct")
+                    direct = self._download_s3(record.artifact_uri, dst / "direct")
                 else:
-                    local = mlflow.artifacts.download_artifacts(artifact_uri=record.artifact_uri, dst_path=str(dst / "direct"))
+                    direct = Path(mlflow.artifacts.download_artifacts(artifact_uri=record.artifact_uri, dst_path=str(dst / "direct")))
                 logger.info("[MLFLOW] downloaded %s v%s from %s", record.name, record.version, record.artifact_uri)
-                return Path(local)
+                return direct
             except Exception as exc:  # MLflow, boto and OS errors all mean: this location failed
                 logger.warning("[MLFLOW] download of %s from %s failed: %s", record.name, record.artifact_uri, exc)
                 failures.append((record.artifact_uri, exc))

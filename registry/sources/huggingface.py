@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from registry.record import ModelRecord, Selector
 from registry.settings import RegistrySettings
@@ -48,7 +48,7 @@ class HuggingFaceFallbackSource(RegistrySource):
 
     def health(self, models: list[str]) -> LayerHealth:
         start = time.perf_counter()
-        out = {}
+        out: dict[str, dict[str, Any]] = {}
         for name in models:
             location = self.models.get(name)
             if location is None:
