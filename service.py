@@ -20,10 +20,10 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.responses import JSONResponse
 
-from registry.errors import ModelNotLoaded, SettingsError, UnknownModel
+from registry.errors import RegistryError, SettingsError
 from registry.redaction import redact
 from registry.settings import ENV_PREFIX, RegistrySettings, load_settings
-from runners.admin import error, registry_admin
+from runners.admin import error, error_response, registry_admin
 from runners.host import ModelHost
 
 logger = logging.getLogger("service")
@@ -80,10 +80,8 @@ class SecurityClassifier:
             return error(400, problem)
         try:
             served = self.host.get(model)  # the snapshot this request keeps until it answers
-        except UnknownModel as exc:
-            return error(404, str(exc))
-        except ModelNotLoaded as exc:
-            return error(503, str(exc))
+        except RegistryError as exc:  # UnknownModel (404), ModelNotLoaded (503): the error says its status
+            return error_response(exc)
         predictions = await served.batcher.predict(texts)
         # A response object passes BentoML by; a dict would be re-validated against the annotation,
         # which builds its JSON schema on every call (8% of the non-model CPU time at 32 clients).

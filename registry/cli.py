@@ -9,9 +9,11 @@
     registry backup verify                                 the file backup: shape, signature, artifact digests
 
 Every subcommand takes `--json` (the answer on stdout, nothing else there; logs and MLflow's own
-prints go to stderr). Exit codes: 0 ok, 1 the registry disagrees or something is unhealthy,
-2 usage or configuration error. Settings come from the service's variables (`MLFLOW_TRACKING_URI`,
-`REGISTRY_*`).
+prints go to stderr). Exit codes: 0 ok, 1 the registry disagrees or something is unhealthy (a
+version or alias the registry does not have included), 2 usage or configuration error. An error
+is one `error: ...` line on stderr; no progress bars (MLflow's and tqdm's are switched off). `resolve`
+only reads: it writes nothing back to the cache or the backup. Settings come from the service's
+variables (`MLFLOW_TRACKING_URI`, `REGISTRY_*`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import click
 from registry.cli_backup import backup
 from registry.cli_cache import cache
 from registry.cli_common import OK, UNHEALTHY, Output, Problem, check_names, config_problem, esc, json_option, \
-    load_settings, quiet_stdout, setup_logging
+    load_settings, quiet_progress, quiet_stdout, setup_logging
 from registry.cli_status import status
 from registry.errors import ModelNotResolvable
 from registry.record import BEST, Selector
@@ -32,6 +34,7 @@ from registry.record import BEST, Selector
 @click.group(help=__doc__.split("\n\n")[0], context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="log at INFO on stderr (default: warnings only)")
 def cli(verbose: bool) -> None:
+    quiet_progress()
     setup_logging(verbose)
 
 
@@ -96,13 +99,16 @@ def _trail_table(console: Any, trail: list[dict[str, Any]]) -> None:
 @click.option("--selector", default=None, help="latest, best, an alias or a version (default REGISTRY_ALIAS)")
 @json_option
 def resolve(out: Output, name: str, selector: Optional[str]) -> None:
-    """Walk the chain as the service does: the record and every layer's answer; exit 1 when nothing resolves."""
+    """Walk the chain as the service does: the record and every layer's answer; exit 1 when nothing resolves.
+
+    Read-only: what a layer below the cache answers is not written back to the cache or the backup.
+    """
     from registry.resolver import Resolver
 
     settings = load_settings()
     wanted = Selector.parse(selector or settings.alias)
     with quiet_stdout():
-        resolver = Resolver.from_settings(settings)
+        resolver = Resolver.from_settings(settings, read_only=True)
         try:
             resolution = resolver.resolve(name, wanted)
         except ModelNotResolvable as exc:
@@ -136,6 +142,18 @@ def _publisher(settings: Any) -> Any:
     if not settings.mlflow_tracking_uri:
         raise config_problem("MLFLOW_TRACKING_URI is not set: there is no registry to write to")
     return Publisher(settings)
+
+
+def _registered_version(publisher: Any, name: str, version: str) -> Any:
+    """MLflow's section of `name`, when it holds `version`; otherwise the registry says no (exit 1), in one message."""
+    section = publisher.mlflow.section(name)
+    registered = publisher.mlflow.registered_name(name)
+    if section is None:
+        raise Problem(f"model {name!r} has no version in MLflow (registered model {registered!r} does not exist)", UNHEALTHY)
+    known = [r.version for r in section.versions]
+    if version not in known:
+        raise Problem(f"model {name!r} has no version {version} in MLflow (versions: {', '.join(known) or 'none'})", UNHEALTHY)
+    return section
 
 
 @cli.command()
@@ -184,8 +202,10 @@ def promote(out: Output, name: str, version: str, alias: str) -> None:
     with quiet_stdout():
         publisher = _publisher(settings)
         try:
-            section = publisher.mlflow.section(name)
-            before = section.select(Selector.parse(alias), custom_aliases=True) if section is not None else None
+            if Selector.parse(alias).kind != "alias":  # before asking MLflow: the caller's mistake (exit 2)
+                raise config_problem(f"{alias!r} cannot be set as an alias ('latest' is the highest version, and numbers are versions)")
+            section = _registered_version(publisher, name, version)
+            before = section.select(Selector.parse(alias), custom_aliases=True)
             record = publisher.promote(name, version, alias)
         finally:
             publisher.close()
@@ -208,6 +228,12 @@ def revoke(out: Output, name: str, version: str, alias: Optional[str], primary_m
     with quiet_stdout():
         publisher = _publisher(settings)
         try:
+            section = _registered_version(publisher, name, version)
+            if alias is not None:
+                held = next(r for r in section.versions if r.version == version).aliases
+                if alias not in held:
+                    raise Problem(f"alias {alias!r} of model {name!r} is not on version {version} in MLflow "
+                                  f"(its aliases: {', '.join(held) or 'none'})", UNHEALTHY)
             result = publisher.revoke(name, version, alias=alias, primary_metric=primary_metric,
                                       greater_is_better=not lower_is_better)
         finally:

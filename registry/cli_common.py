@@ -1,9 +1,12 @@
 """What every `registry` subcommand shares: settings, exit codes, `--json`, quiet stdout, rich output.
 
 Exit codes: 0 all is well; 1 the registry disagrees or something is unhealthy (a layer that
-cannot be asked, a digest that does not match, a model that does not resolve); 2 usage or
-configuration errors (bad arguments, a bad `REGISTRY_*` value, a layer the command needs is not
-configured).
+cannot be asked, a digest that does not match, a model that does not resolve, a version or alias
+MLflow does not have); 2 usage or configuration errors (bad arguments, a bad `REGISTRY_*` value,
+a layer the command needs is not configured), decided before anything is asked.
+
+An error is one line on stderr (`error: ...`): without `-v` only ERROR records of the libraries
+are logged beside it (the answer carries every layer's outcome), and no progress bar is drawn.
 
 Nothing secret is printed: answers, errors, logs and MLflow's own prints go through
 `registry.redaction` (URL credentials and the configured secrets become `***`).
@@ -28,8 +31,6 @@ from registry.settings import RegistrySettings, check_model_names
 
 OK, UNHEALTHY, USAGE = 0, 1, 2
 
-#: MLflow answers that mean "you asked for something that is not there / not allowed": the caller's mistake.
-_CALLER_ERRORS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"}
 
 
 class Problem(click.ClickException):
@@ -64,17 +65,17 @@ def check_names(names: tuple[str, ...] | list[str]) -> list[str]:
 
 
 def exit_code_of(exc: BaseException) -> int:
-    """Which exit code a project error means: the caller's mistake (2) or an unhealthy registry (1)."""
+    """Which exit code a project error means: the caller's mistake (2) or the registry said no / is unhealthy (1).
+
+    Usage is what is wrong before anything is asked (a bad setting or selector, a publish refused
+    before it reached MLflow); whatever MLflow answers (no such version, alias or model, a
+    refusal) is the registry disagreeing: 1.
+    """
     if isinstance(exc, (SettingsError, SelectorError)):
         return USAGE
-    if isinstance(exc, PublishError):
-        cause = exc.__cause__
-        if cause is None:  # refused before asking anything: a bad alias, an alias not on that version
-            return USAGE
-        if getattr(cause, "error_code", None) in _CALLER_ERRORS:
-            return USAGE
-        return UNHEALTHY
-    return UNHEALTHY  # the registry could not be asked, had nothing, or answered garbage
+    if isinstance(exc, PublishError) and exc.__cause__ is None:
+        return USAGE
+    return UNHEALTHY  # the registry said no, could not be asked, had nothing, or answered garbage
 
 
 @contextlib.contextmanager
@@ -158,7 +159,28 @@ def esc(value: object) -> str:
     return escape(str(value))
 
 
+def quiet_progress() -> None:
+    """No progress bars on the operator's terminal: MLflow's artifact bars, tqdm's and the Hub's
+    (set before MLflow or transformers is imported; a value the user set explicitly wins)."""
+    for variable, value in (("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("TQDM_DISABLE", "1"),
+                            ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error")):
+        os.environ.setdefault(variable, value)
+
+
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s %(message)s")
+    """Logs on stderr: INFO and up with `-v`; otherwise only ERROR records, so an error is the one
+    `error: ...` line the command prints (every layer's outcome is in the answer itself)."""
+    from registry.logs import install_record_fields
+
+    level = logging.INFO if verbose else logging.ERROR
+    root = logging.getLogger()
+    if not root.handlers:  # as logging.basicConfig; the handler's own level also holds back libraries that set theirs
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        handler.setLevel(level)
+        root.addHandler(handler)
+        root.setLevel(level)
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # MLflow sets its loggers' level when it is imported
     install_log_redaction(("registry", "training"))
+    install_record_fields()

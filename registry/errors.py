@@ -24,11 +24,19 @@ def safe_repr(value: object, limit: int = 80) -> str:
 
 
 class RegistryError(Exception):
-    """Root of every error raised by this project."""
+    """Root of every error raised by this project.
+
+    `status` is the HTTP status an answer about this error carries (`runners.admin.error_response`
+    is the one place that turns an error into an answer); the default, 500, means "our fault".
+    """
+
+    status: int = 500
 
 
 class SettingsError(RegistryError):
-    """A configuration variable holds a value that cannot be used."""
+    """A configuration variable holds a value that cannot be used (the service's configuration: 500)."""
+
+    status = 500
 
     def __init__(self, variable: str, value: object, reason: str):
         self.variable = variable
@@ -39,6 +47,8 @@ class SettingsError(RegistryError):
 class SelectorError(RegistryError, ValueError):
     """A selector (`latest`, `best`, an alias or a version) is malformed."""
 
+    status = 400
+
     def __init__(self, selector: object, reason: str):
         self.selector = selector
         super().__init__(f"invalid selector {safe_repr(selector)}: {reason}")
@@ -47,6 +57,8 @@ class SelectorError(RegistryError, ValueError):
 class PayloadError(RegistryError, ValueError):
     """Registry data (cache value, API body, backup file) has the wrong shape."""
 
+    status = 502
+
     def __init__(self, where: str, reason: str):
         self.where = where = redact_text(where)
         super().__init__(f"{where}: {redact_text(reason)}")
@@ -54,6 +66,8 @@ class PayloadError(RegistryError, ValueError):
 
 class SourceUnavailable(RegistryError):
     """A layer could not be asked: down, timed out, or answered with an error status."""
+
+    status = 503
 
     def __init__(self, source: str, reason: str):
         self.source = source
@@ -64,6 +78,8 @@ class SourceUnavailable(RegistryError):
 class SourceRejected(RegistryError):
     """A layer answered, but what it holds is unusable (garbage, wrong shape, bad signature)."""
 
+    status = 502
+
     def __init__(self, source: str, reason: str):
         self.source = source
         self.reason = reason = redact_text(reason)
@@ -72,6 +88,8 @@ class SourceRejected(RegistryError):
 
 class ModelNotResolvable(RegistryError):
     """No layer of the chain could say which version of a model to serve."""
+
+    status = 404
 
     def __init__(self, name: str, selector: str, trail: Sequence["LayerAttempt"]):
         self.name = name
@@ -88,6 +106,8 @@ class PublishError(RegistryError):
 class ArtifactError(RegistryError):
     """A model artifact could not be fetched, verified or loaded."""
 
+    status = 422
+
     def __init__(self, uri: str, reason: str):
         self.uri = uri
         self.reason = reason = redact_text(reason)
@@ -97,6 +117,8 @@ class ArtifactError(RegistryError):
 class UnknownModel(RegistryError):
     """A request named a model this service is not configured to serve."""
 
+    status = 404
+
     def __init__(self, name: str, known: Sequence[str]):
         self.name = name
         super().__init__(f"unknown model {name!r}; this service serves {', '.join(repr(k) for k in known) or 'no model'}")
@@ -104,6 +126,8 @@ class UnknownModel(RegistryError):
 
 class ModelNotLoaded(RegistryError):
     """A configured model has no version loaded yet (resolution or loading failed)."""
+
+    status = 503
 
     def __init__(self, name: str, reason: str):
         self.name = name
@@ -113,6 +137,11 @@ class ModelNotLoaded(RegistryError):
 
 class ReloadFailed(RegistryError):
     """A reload could not resolve, load or warm up the new version; the old one keeps serving."""
+
+    @property
+    def status(self) -> int:  # type: ignore[override]
+        """404 when nothing resolved (no such version or alias), 422 when the version did not load."""
+        return 404 if isinstance(self.__cause__, ModelNotResolvable) else 422
 
     def __init__(self, name: str, reason: str):
         self.name = name

@@ -8,6 +8,13 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Optional
 
 from registry.errors import PayloadError, SelectorError, safe_repr
+
+
+def iso_utc(epoch: Optional[float]) -> Optional[str]:
+    """Epoch seconds as the one time format of every answer: ISO 8601 in UTC (`2026-11-26T12:00:00.250+00:00`)."""
+    from datetime import datetime, timezone
+
+    return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
 from registry.trail import LayerAttempt, Outcome  # noqa: F401 - part of this module's API
 
 LATEST = "latest"
@@ -197,4 +204,5 @@ class Resolution:
         return max(0.0, now - self.fetched_at) if self.stale and self.fetched_at else 0.0
 
     def freshness(self, now: float) -> dict[str, Any]:
-        return {"stale": self.stale, "age_s": round(max(0.0, now - self.fetched_at), 1) if self.fetched_at else None}
+        return {"stale": self.stale, "fetched_at": iso_utc(self.fetched_at) if self.fetched_at else None,
+                "age_s": round(max(0.0, now - self.fetched_at), 1) if self.fetched_at else None}

@@ -51,11 +51,15 @@ class Resolver:
 
     A hit whose record names a location outside `REGISTRY_ALLOWED_URIS` is that layer's
     `rejected` answer, and the next layer is asked.
+
+    `read_only`: resolve without writing anything back (the operator's `registry resolve` looks,
+    it does not touch the cache or the backup).
     """
 
     def __init__(self, sources: Sequence[RegistrySource], *, breaker_failures: int = 3, breaker_reset_s: float = 30.0,
-                 allow: Optional[AllowList] = None):
+                 allow: Optional[AllowList] = None, read_only: bool = False):
         self.sources = list(sources)
+        self.read_only = read_only
         self.allow = allow or AllowList([])
         self.authority: Optional[MLflowRegistrySource] = next((s for s in self.sources if isinstance(s, MLflowRegistrySource)), None)
         self.cache: Optional[RedisCacheSource] = next((s for s in self.sources if isinstance(s, RedisCacheSource)), None)
@@ -66,10 +70,10 @@ class Resolver:
         self._memory_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: RegistrySettings) -> "Resolver":
+    def from_settings(cls, settings: RegistrySettings, *, read_only: bool = False) -> "Resolver":
         sources = [source for factory in CHAIN if (source := factory.from_settings(settings)) is not None]
         return cls(sources, breaker_failures=settings.breaker_failures, breaker_reset_s=settings.breaker_reset,
-                   allow=AllowList.from_settings(settings))
+                   allow=AllowList.from_settings(settings), read_only=read_only)
 
     def resolve(self, name: str, selector: Selector | str = "latest", *,
                 exclude: Collection[tuple[str, Optional[str]]] = ()) -> Resolution:
@@ -139,7 +143,7 @@ class Resolver:
                     return stale
             resolution = Resolution(answer.record, tuple(trail), selector, answer.as_of or time.time())
             self._remember(resolution, source)
-            if source.write_back:
+            if source.write_back and not self.read_only:
                 self._write_back(answer)
             logger.info(
                 "[HYBRID] %s@%s -> version %s from %s (%s)",
@@ -151,7 +155,9 @@ class Resolver:
         if stale is not None:
             return stale
         error = ModelNotResolvable(name, selector.value, trail)
-        logger.error("[HYBRID] %s", error)
+        # The caller says it once: the model loader as a WARNING when it starts failing, /reload in
+        # its answer, the registry command on stderr. Each layer's failure was logged once already.
+        logger.debug("[HYBRID] %s", error, extra=log_fields(name))
         raise error
 
     def fallback(self, name: str) -> Resolution:
@@ -243,6 +249,8 @@ class Resolver:
         """
         if self.authority is None:
             raise SourceUnavailable("mlflow", "MLFLOW_TRACKING_URI is not set: there is no registry to follow")
+        if self.read_only:
+            raise RuntimeError("a read-only resolver writes nothing: refresh_from_authority needs a writing one")
         section = self.authority.section(name)
         replacement = section or ModelSection(name=name)
         for target in (self.cache, self.backup):

@@ -1,15 +1,40 @@
 """The admin surface any BentoML service holding a `ModelHost` gets: reload, models, health, webhook.
 
-    @registry_admin                 # above @bentoml.service
+    @registry_admin                 # above @bentoml.service: applied below it, it raises TypeError
     @bentoml.service
     class Phishing:
         host = ModelHost(models=["phishing"], runner="mlflow-pyfunc")
 
 `registry_admin` mounts `admin_app()` (POST /reload, GET /models, GET /registry/health,
 POST /registry/webhook), starts every host of the service when a worker starts, makes `/readyz`
-wait until every host's models are loaded, stops the hosts on shutdown, answers 415 to a
-non-JSON body on the JSON routes and 413 to a body over `REGISTRY_MAX_BODY_BYTES` on every route.
-The routes find the host of the worker they run in.
+wait until every host's models are loaded (chained with the class's own `__is_ready__`, when it
+has one: ready only when both are), stops the hosts on shutdown, and installs
+`install_admin_middleware`: every error of the service answered as JSON `{"error": ...}` (404
+and 405 included), 415 to a non-JSON body on the JSON routes, 400 naming the field to a body that
+does not match the route (an unknown field included) and 413 to a body over
+`REGISTRY_MAX_BODY_BYTES` on every route.
+
+The same, written out by hand (examples/explicit_admin/service.py serves it):
+
+    @bentoml.asgi_app(admin_app(), path="/")
+    @bentoml.service
+    class Phishing:
+        host = ModelHost(models=["phishing"])
+
+        def __init__(self) -> None:
+            start_hosts(self)                   # load at worker start, not at the first request
+
+        def __is_ready__(self) -> bool:
+            return hosts_ready(self)            # 503 naming what is still loading
+
+        @bentoml.on_shutdown
+        def stop(self) -> None:
+            stop_hosts(self)
+
+    install_admin_middleware(Phishing, json_routes=("/classify",))
+
+The routes find their hosts through the BentoML service instance of the worker they run in
+(`bentoml.get_current_service()`): the `ModelHost` attributes its class declares.
 
 Nothing secret leaves through them: every answer goes through `registry.redaction.redact`, and
 `/models` and `/registry/health` give the operator's detail (trails, records, every layer's
@@ -31,11 +56,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
 from registry.coordination import CoordinationError
-from registry.errors import GateRefused, ModelNotResolvable, ReloadFailed, SelectorError, SettingsError, UnknownModel
+from registry.errors import GateRefused, ModelNotResolvable, RegistryError, ReloadFailed, SettingsError, UnknownModel
 from registry.metrics import bound_request_endpoints
 from registry.redaction import redact, redact_text
 from registry.record import Selector
-from runners.host import ModelHost, live_hosts
+from runners.host import ModelHost, declared_hosts, hosts_of
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +70,25 @@ ADMIN_ROUTES = ("/reload", "/models", "/registry/health", "/registry/webhook")
 
 
 def error(status: int, message: str, **extra: Any) -> JSONResponse:
+    """A JSON error answer `{"error": message, ...}`, redacted."""
     return JSONResponse(redact({"error": message, **extra}), status_code=status)
+
+
+def error_response(exc: BaseException, **extra: Any) -> JSONResponse:
+    """The answer for an error, the one place an error becomes a status: the error's `status`
+    (`registry.errors`; 500 for anything that is not a project error) and `{"error": message}`,
+    with the trail of a resolution that failed and the figures of a gate refusal."""
+    if not isinstance(exc, RegistryError):
+        logger.error("[HYBRID] unexpected error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        return error(500, f"internal error ({type(exc).__name__}); the service log has the detail", **extra)
+    body: dict[str, Any] = {}
+    unresolved = exc if isinstance(exc, ModelNotResolvable) else exc.__cause__
+    if isinstance(exc, (ModelNotResolvable, ReloadFailed)):
+        body["trail"] = [a.to_dict() for a in unresolved.trail] if isinstance(unresolved, ModelNotResolvable) else []
+    if isinstance(exc, GateRefused):
+        body["gate"] = exc.figures
+    message = f"reload coordination failed: {exc}" if isinstance(exc, CoordinationError) else str(exc)
+    return error(exc.status, message, **{**body, **extra})
 
 
 def answer(body: Any, status: int = 200) -> JSONResponse:
@@ -91,15 +134,45 @@ def _clean(value: object) -> str:
     return str(value).encode("ascii", "backslashreplace").decode("ascii")
 
 
-async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    return error(exc.status_code, str(exc.detail))
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    headers = getattr(exc, "headers", None)
+    response = error(exc.status_code, _status_message(exc.status_code, request.method, request.url.path,
+                                                      (headers or {}).get("Allow"), str(exc.detail)))
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+async def _registry_error(_: Request, exc: RegistryError) -> JSONResponse:
+    return error_response(exc)
+
+
+def _status_message(status: int, method: str, path: str, allow: Optional[str], detail: str) -> str:
+    """What a 404 or 405 of the routing says (the route and the methods it takes); any other status keeps its detail."""
+    if status == 404 and detail in ("", "Not Found"):
+        return f"no route {_clean(path)[:200]} on this service"
+    if status == 405 and detail in ("", "Method Not Allowed"):
+        return f"method {_clean(method)[:20]} not allowed on {_clean(path)[:200]}" + (f"; use {allow}" if allow else "")
+    return detail
+
+
+#: The one message for a body that is not JSON at all, on every JSON route.
+INVALID_JSON = "invalid request body: not valid JSON"
 
 
 def _problems(errors: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """A 400 body naming the field and the problem, in ASCII, without echoing the input (which
-    fails for lone surrogates, NaN or raw bytes: FastAPI's own handler answers 500 then)."""
-    problems = [{"loc": [_clean(part) for part in e.get("loc", ())], "msg": _clean(e.get("msg", "")), "type": _clean(e.get("type", ""))}
-                for e in errors]
+    fails for lone surrogates, NaN or raw bytes: FastAPI's own handler answers 500 then).
+
+    Every JSON route says the same: the field's path without FastAPI's leading `body`, and one
+    message for a body that does not parse."""
+    errors = list(errors)
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return {"error": INVALID_JSON, "detail": [{"loc": [], "msg": "not valid JSON", "type": "json_invalid"}]}
+    problems = []
+    for e in errors:
+        loc = [_clean(part) for part in e.get("loc", ())]
+        problems.append({"loc": loc[1:] if loc[:1] == ["body"] else loc, "msg": _clean(e.get("msg", "")), "type": _clean(e.get("type", ""))})
     first = problems[0] if problems else {"loc": [], "msg": "invalid request"}
     return {"error": f"invalid request body at {'.'.join(first['loc']) or 'body'}: {first['msg']}", "detail": problems}
 
@@ -110,11 +183,30 @@ async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse
     return JSONResponse(body, status_code=400)
 
 
-def _host_for(model: Optional[str] = None) -> ModelHost:
-    hosts = live_hosts()
+def _hosts() -> list[ModelHost]:
+    """The hosts of the BentoML service instance this request runs in (one per worker)."""
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    try:
+        instance = bentoml.get_current_service()
+    except BentoMLException:
+        raise HTTPException(status_code=503, detail="the service instance of this worker is not created yet") from None
+    hosts = hosts_of(instance)
     if not hosts:
-        raise HTTPException(status_code=503, detail="no model host is running in this worker")
-    return next((h for h in hosts if model in h.names), hosts[0])
+        raise HTTPException(status_code=503, detail=f"{type(instance).__name__} declares no ModelHost attribute")
+    return hosts
+
+
+def _host_for(model: Optional[str] = None) -> ModelHost:
+    """The host serving `model` (the first host when no model is named); UnknownModel when none does."""
+    hosts = _hosts()
+    if model is None:
+        return hosts[0]
+    for host in hosts:
+        if model in host.names:
+            return host
+    raise UnknownModel(model, [n for h in hosts for n in h.names])
 
 
 def _merged(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -163,13 +255,16 @@ def admin_app() -> FastAPI:
     app = FastAPI(title="registry admin", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.add_exception_handler(RegistryError, _registry_error)
+    # /metrics labels requests by path: only the routes this service has, any other path is `other`.
+    bound_request_endpoints(ADMIN_ROUTES)
 
     @app.get("/models")
     def models(request: Request) -> JSONResponse:
         detail = _detail(request, "/models")
         if isinstance(detail, JSONResponse):
             return detail
-        full = _merged(h.models() for h in live_hosts() or [_host_for()])
+        full = _merged(h.models() for h in _hosts())
         return answer({**full, "view": "full"} if detail else models_summary(full))
 
     @app.get("/registry/health")
@@ -177,7 +272,7 @@ def admin_app() -> FastAPI:
         detail = _detail(request, "/registry/health")
         if isinstance(detail, JSONResponse):
             return detail
-        full = _merged(h.health() for h in live_hosts() or [_host_for()])
+        full = _merged(h.health() for h in _hosts())
         return answer({**full, "view": "full"} if detail else health_summary(full))
 
     @app.post("/registry/webhook")
@@ -194,36 +289,27 @@ def admin_app() -> FastAPI:
         503: {"description": "reload coordination (the bus) failed"}})
     def reload(request: Request, body: Optional[ReloadRequest] = None) -> JSONResponse:
         body = body or ReloadRequest()
-        host = _host_for(body.model)
-        denied = _authorize(host, request)
+        hosts = _hosts()
+        denied = _authorize(hosts[0], request)
         if denied is not None:
             return denied
         try:
-            selector = Selector.from_request(body.alias, body.version, default=host.settings.alias)
-        except SelectorError as exc:
+            plan = [(host, [body.model] if body.model else host.names,
+                     Selector.from_request(body.alias, body.version, default=host.settings.alias))
+                    for host in ([_host_for(body.model)] if body.model else hosts)]
+        except RegistryError as exc:  # a bad selector (400), an unknown model (404)
             logger.info("[HYBRID] reload refused: %s", exc)
-            return error(400, str(exc))
-        names = [body.model] if body.model else host.names
-        unknown = [n for n in names if n not in host.names]
-        if unknown:
-            return error(404, str(UnknownModel(unknown[0], host.names)))
+            return error_response(exc)
         client = request.client.host if request.client else "?"
         logger.info("[HYBRID] reload requested by %s (%s): models %s, selector %s", client,
-                    request.headers.get("user-agent", "-"), names, selector)
+                    request.headers.get("user-agent", "-"), [n for _, names, _ in plan for n in names], plan[0][2])
         results = []
-        for name in names:
-            try:
-                results.append(host.rollout(name, selector, trigger="reload"))
-            except ModelNotResolvable as exc:
-                return error(404, str(exc), model=name, trail=[a.to_dict() for a in exc.trail], done=results)
-            except ReloadFailed as exc:
-                cause = exc.__cause__
-                status = 404 if isinstance(cause, ModelNotResolvable) else 422
-                trail = [a.to_dict() for a in cause.trail] if isinstance(cause, ModelNotResolvable) else []
-                extra = {"gate": exc.figures} if isinstance(exc, GateRefused) else {}
-                return error(status, str(exc), model=name, trail=trail, done=results, **extra)
-            except CoordinationError as exc:
-                return error(503, f"reload coordination failed: {exc}", model=name, done=results)
+        for host, names, selector in plan:
+            for name in names:
+                try:
+                    results.append(host.rollout(name, selector, trigger="reload"))
+                except RegistryError as exc:  # UnknownModel, ReloadFailed (GateRefused), CoordinationError
+                    return error_response(exc, model=name, done=results)
         return answer(results[0] if body.model or len(results) == 1 else {"reloads": results})
 
     return app
@@ -355,19 +441,118 @@ def _schema_problem(schema: type[BaseModel], body: bytes) -> Optional[dict[str, 
     return None
 
 
+def _strict(schema: type[BaseModel]) -> type[BaseModel]:
+    """The API's input model refusing unknown fields, as `ReloadRequest` does (BentoML's ignores them)."""
+    return type(schema.__name__, (schema,), {"model_config": {**schema.model_config, "extra": "forbid"},
+                                             "__module__": schema.__module__})
+
+
+class JSONErrors:
+    """Every error of the service as JSON `{"error": ...}`: the plain-text answers of BentoML's own
+    routing (405 for GET /classify, 404, a bare 500) are rewritten; a JSON answer passes unchanged."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: dict[str, Any] = {}
+
+        async def send_json_errors(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers") or [])
+                content_type = headers.get(b"content-type", b"").decode("latin-1").lower()
+                if message["status"] >= 400 and "json" not in content_type:
+                    held.update(start=message, body=b"", allow=headers.get(b"allow", b"").decode("latin-1") or None)
+                    return
+            elif "start" in held and message["type"] == "http.response.body":
+                held["body"] += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                start = held.pop("start")
+                status = start["status"]
+                detail = held["body"].decode("utf-8", "replace").strip()
+                text = _status_message(status, scope.get("method", ""), scope.get("path", ""), held.get("allow"), detail)
+                response = error(status, text or f"HTTP {status}")
+                keep = [(k, v) for k, v in start.get("headers") or [] if k.lower() not in (b"content-type", b"content-length")]
+                await send({"type": "http.response.start", "status": status,
+                            "headers": keep + [(k, v) for k, v in response.raw_headers if k.lower() in (b"content-type", b"content-length")]})
+                await send({"type": "http.response.body", "body": response.body})
+                return
+            await send(message)
+
+        await self.app(scope, receive, send_json_errors)
+
+
+def install_admin_middleware(service: Any, *, json_routes: tuple[str, ...] = ()) -> None:
+    """The admin surface's middleware on a BentoML service (what `registry_admin` installs):
+    JSON errors everywhere, the body limit, and the JSON routes' checks (415 to a non-JSON body,
+    400 naming the field, an unknown field included, to a body that does not match the API).
+
+    `json_routes`: the service's own JSON API routes to check as `/reload` is checked.
+    """
+    from _bentoml_sdk import Service
+
+    if not isinstance(service, Service):
+        raise TypeError(f"install_admin_middleware needs the object @bentoml.service returns, not {service!r}")
+    hosts = declared_hosts(service.inner)
+    try:
+        max_body_bytes = min(getattr(service.inner, name).settings_now().max_body_bytes for name in hosts) if hosts else None
+    except SettingsError as exc:
+        raise SystemExit(f"[HYBRID] cannot start {service.inner.__name__}: {exc}") from None
+    # First (outer): every error is JSON; no route reads a body over the limit; then a JSON API's
+    # body is checked against the model BentoML builds from the API's signature.
+    service.add_asgi_middleware(JSONErrors)
+    if max_body_bytes is not None:
+        service.add_asgi_middleware(BodyLimit, max_bytes=max_body_bytes)
+    schemas = {api.route: _strict(api.input_spec) for api in getattr(service, "apis", {}).values() if api.route in json_routes}
+    service.add_asgi_middleware(JSONOnly, routes=("/reload", *json_routes), schemas=schemas)
+
+
+def start_hosts(instance: Any) -> None:
+    """Start every host the service instance declares (at worker start, not at the first request)."""
+    hosts_of(instance)
+
+
+def hosts_ready(instance: Any) -> bool:
+    """True when every host of the instance has its models loaded (in every worker of this replica);
+    raises a 503 naming what is still loading, which BentoML's `/readyz` answers."""
+    waiting = [reason for ready, reason in (host.replica_ready() for host in hosts_of(instance)) if not ready]
+    if waiting:
+        raise HTTPException(status_code=503, detail=redact_text("not ready: " + "; ".join(waiting)))
+    return True
+
+
+def stop_hosts(instance: Any) -> None:
+    """Stop the hosts the instance started (a host never started is left alone)."""
+    for host in hosts_of(instance, start=False):
+        host.stop()
+
+
 def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = ()) -> Any:
     """Give a BentoML service the registry's admin routes and its hosts' lifecycle.
 
-    Apply it above `@bentoml.service` (or call it on a service object). `json_routes`: the
-    service's own JSON API routes that should answer 415 to a non-JSON body, as `/reload` does,
-    and 400 naming the field to a body that does not match the API's signature.
+    Apply it above `@bentoml.service` (or call it on a service object); applied to a plain class
+    (below `@bentoml.service`) it raises TypeError. A class with its own `__is_ready__` keeps it:
+    `/readyz` answers ready only when the hosts are loaded and the class's own check says ready.
+    `json_routes`: the service's own JSON API routes that should answer 415 to a non-JSON body, as
+    `/reload` does, and 400 naming the field to a body that does not match the API's signature.
     """
     if service is None:
         return functools.partial(registry_admin, json_routes=json_routes)
-    import bentoml
+    import inspect
 
-    cls = getattr(service, "inner", service)
-    hosts = [name for name in dir(cls) if isinstance(getattr(cls, name, None), ModelHost)]
+    import bentoml
+    from _bentoml_sdk import Service
+
+    if not isinstance(service, Service):
+        what = getattr(service, "__name__", repr(service))
+        raise TypeError(f"registry_admin must be applied above @bentoml.service, to the service object it returns; "
+                        f"{what} is a plain class (move @registry_admin to the line above @bentoml.service)")
+    cls = service.inner
+    hosts = declared_hosts(cls)
     if not hosts:
         raise TypeError(f"{cls.__name__} declares no ModelHost attribute (e.g. `host = ModelHost(models=[...])`)")
     for name in hosts:
@@ -377,40 +562,31 @@ def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = ()) ->
             getattr(cls, name).check_configuration()
         except SettingsError as exc:
             raise SystemExit(f"[HYBRID] cannot start {cls.__name__}: {exc}") from None
-    try:
-        max_body_bytes = min(getattr(cls, name).settings_now().max_body_bytes for name in hosts)
-    except SettingsError as exc:
-        raise SystemExit(f"[HYBRID] cannot start {cls.__name__}: {exc}") from None
     original_init = cls.__init__
+    own_ready = vars(cls).get("__is_ready__")
 
     @functools.wraps(original_init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
-        for name in hosts:
-            getattr(self, name)  # start the host now, not at the first request
+        start_hosts(self)  # start the hosts now, not at the first request
 
-    def __is_ready__(self: Any) -> bool:
-        waiting = [reason for ready, reason in (getattr(self, name).replica_ready() for name in hosts) if not ready]
-        if waiting:
-            raise HTTPException(status_code=503, detail=redact_text("not ready: " + "; ".join(waiting)))
-        return True
+    if own_ready is None:
+        def __is_ready__(self: Any) -> bool:
+            return hosts_ready(self)
+    elif inspect.iscoroutinefunction(own_ready):
+        async def __is_ready__(self: Any) -> bool:  # type: ignore[misc]
+            return hosts_ready(self) and bool(await own_ready(self))
+    else:
+        def __is_ready__(self: Any) -> bool:  # type: ignore[misc]
+            return hosts_ready(self) and bool(own_ready(self))
 
     @bentoml.on_shutdown
     def _stop_registry_hosts(self: Any) -> None:
-        for name in hosts:
-            getattr(self, name).stop()
+        stop_hosts(self)
 
     cls.__init__ = __init__
-    if "__is_ready__" not in vars(cls):
-        cls.__is_ready__ = __is_ready__
+    cls.__is_ready__ = __is_ready__
     cls._stop_registry_hosts = _stop_registry_hosts
     bentoml.asgi_app(admin_app(), path="/")(service)
-    # /metrics labels requests by path: only the routes this service has, any other path is `other`.
-    bound_request_endpoints(ADMIN_ROUTES)
-    if hasattr(service, "add_asgi_middleware"):
-        # First (outer): no route reads a body over the limit; then a JSON API's body is checked
-        # against the model BentoML builds from the API's signature.
-        service.add_asgi_middleware(BodyLimit, max_bytes=max_body_bytes)
-        schemas = {api.route: api.input_spec for api in getattr(service, "apis", {}).values() if api.route in json_routes}
-        service.add_asgi_middleware(JSONOnly, routes=("/reload", *json_routes), schemas=schemas)
+    install_admin_middleware(service, json_routes=json_routes)
     return service

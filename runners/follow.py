@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from registry.coordination import CoordinationError, ReloadOrder
 from registry.errors import ReloadFailed, SourceUnavailable, WebhookRejected
-from registry.record import LayerAttempt, Outcome, Resolution, Selector
+from registry.record import LayerAttempt, Outcome, Resolution, Selector, iso_utc
+from registry.logs import FailureLog, log_fields
 from registry.webhook import verify_delivery
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class Follower:
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._next_poll = time.monotonic() + self.settings.poll_interval
         self.last_poll: Optional[dict[str, Any]] = None
+        self._failures = FailureLog(logger)
         self.last_reconcile: dict[str, dict[str, Any]] = {}
 
     @property
@@ -80,7 +82,7 @@ class Follower:
     def reconcile(self, name: str, trigger: str) -> dict[str, Any]:
         """Refresh cache and backup from MLflow, then roll out what the selector names now, if it changed."""
         outcome = self._reconcile(name, trigger)
-        self.last_reconcile[name] = {"trigger": trigger, "at": round(time.time(), 3), **outcome}
+        self.last_reconcile[name] = {"trigger": trigger, "at": iso_utc(time.time()), **outcome}
         return outcome
 
     def _reconcile(self, name: str, trigger: str) -> dict[str, Any]:
@@ -92,8 +94,10 @@ class Follower:
         try:
             section = self.host.resolver.refresh_from_authority(name)
         except SourceUnavailable as exc:
-            logger.warning("[MLFLOW] %s: cannot reconcile %s: %s", trigger, name, exc.reason)
+            self._failures.failed(name, exc.reason, "[MLFLOW] %s: cannot reconcile %s: %s", trigger, name, exc.reason,
+                                  extra=log_fields(name, None, "mlflow"))
             return {"action": "none", "reason": f"MLflow unavailable: {exc.reason}"}
+        self._failures.recovered(name, "[MLFLOW] %s: reconciling %s again", trigger, name, extra=log_fields(name, None, "mlflow"))
         if self.pinned:
             return {"action": "none", "reason": f"pinned to version {self.selector}"}
         authority = self.host.resolver.authority
@@ -149,7 +153,7 @@ class Follower:
         started = time.time()
         for name in self.host.manager.names:
             self.reconcile(name, "poll")
-        self.last_poll = {"at": round(started, 3), "worker": self.host.worker}
+        self.last_poll = {"at": iso_utc(started), "elapsed_s": round(time.time() - started, 3), "worker": self.host.worker}
 
     # -- bus and webhook triggers -----------------------------------------------------------------
     def on_change(self, order: ReloadOrder) -> None:

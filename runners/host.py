@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 from registry.coordination import CHANGED, CoordinationError, ReloadBus, ReloadOrder, replica_id, worker_id
 from registry.errors import ReloadFailed, UnknownModel
-from registry.logs import configure_logging, log_fields
+from registry.logs import FailureLog, configure_logging, log_fields
 from registry.metrics import serve_models
 from registry.record import Resolution, Selector
 from registry.resolver import Resolver
@@ -26,15 +26,24 @@ from runners.manager import ModelManager, ServedModel
 logger = logging.getLogger(__name__)
 
 
-#: Hosts started in this process (one per service instance, i.e. per BentoML worker).
-_LIVE: list["ModelHost"] = []
-_LIVE_LOCK = threading.Lock()
+def declared_hosts(cls: type) -> list[str]:
+    """The names of the `ModelHost` attributes a service class declares, in declaration order."""
+    names: list[str] = []
+    for klass in reversed(cls.__mro__):
+        names += [name for name, value in vars(klass).items() if isinstance(value, ModelHost) and name not in names]
+    return names
 
 
-def live_hosts() -> list["ModelHost"]:
-    """The hosts running in this process, oldest first (the admin routes ask them)."""
-    with _LIVE_LOCK:
-        return list(_LIVE)
+def hosts_of(instance: Any, *, start: bool = True) -> list["ModelHost"]:
+    """The hosts of one service instance (one BentoML worker): what the admin routes ask.
+
+    With `start`, a host the instance has not touched yet is built and started; without, only the
+    hosts already started are returned.
+    """
+    names = declared_hosts(type(instance))
+    if start:
+        return [getattr(instance, name) for name in names]
+    return [host for name in names if isinstance(host := vars(instance).get(name), ModelHost)]
 
 
 class ModelHost:
@@ -116,8 +125,6 @@ class ModelHost:
             return self
         self._build()
         self._started = True
-        with _LIVE_LOCK:
-            _LIVE.append(self)
         import torch
 
         torch.set_num_threads(self.manager.torch_threads)
@@ -138,9 +145,6 @@ class ModelHost:
         return self
 
     def stop(self) -> None:
-        with _LIVE_LOCK:
-            if self in _LIVE:
-                _LIVE.remove(self)
         self._stop.set()
         self.manager.close()
         self.resolver.close()
@@ -190,9 +194,13 @@ class ModelHost:
         if not self.manager.ready():
             start = time.perf_counter()
             if self.manager.load_configured(self._replica_versions):
+                _FAILURES.recovered(f"{self.worker}:load", "[HYBRID] worker %s loads again", self.worker)
                 logger.info("[HYBRID] worker %s ready in %.2fs", self.worker, time.perf_counter() - start)
             else:
-                logger.warning("[HYBRID] not ready: %s; retrying in %.0fs", self.manager.not_ready_reason(), self.settings.retry_interval)
+                # Once when loading starts failing, not every retry: the reason stays on /readyz and /models.
+                reason = self.manager.not_ready_reason()
+                _FAILURES.failed(f"{self.worker}:load", reason, "[HYBRID] not ready: %s; retrying every %.0fs (logged once; "
+                                 "/readyz and /models say why until it loads)", reason, self.settings.retry_interval)
             return
         # Revalidate models served from stale memory, and retry versions that could not load.
         self.manager.refresh_stale()
@@ -312,19 +320,22 @@ class ModelHost:
 def supervised(name: str, step: Callable[[], None], wait: float | Callable[[], float], stop: threading.Event) -> None:
     """Run `step` until `stop`, waiting `wait` seconds between runs; an error is logged once and retried.
 
-    Background work must never die silently: any exception is caught here, logged once per
-    distinct cause (with its traceback the first time), and the step runs again after the wait.
+    Background work must never die silently: any exception is caught here and the step runs again
+    after the wait. A step that keeps failing logs one WARNING when it starts failing (with its
+    traceback, unless the reload bus is merely down), DEBUG for every later attempt, and one INFO
+    when it recovers.
     """
-    failing: Optional[str] = None
+    failures = FailureLog(logger)
     while not stop.is_set():
         try:
             step()
-            if failing is not None:
-                logger.info("[HYBRID] %s recovered (was: %s)", name, failing)
-                failing = None
+            failures.recovered(name, "[HYBRID] %s recovered", name)
         except Exception as exc:  # noqa: BLE001 - this loop is the last line of defence
             cause = f"{type(exc).__name__}: {exc}"
-            if cause != failing:
-                logger.warning("[HYBRID] %s failed, retrying: %s", name, cause, exc_info=not isinstance(exc, CoordinationError))
-            failing = cause
+            failures.failed(name, cause, "[HYBRID] %s failed, retrying: %s", name, cause,
+                            exc_info=None if isinstance(exc, CoordinationError) else exc)
         stop.wait(wait() if callable(wait) else wait)
+
+
+#: What keeps failing in this process's hosts (keys name the worker), logged once.
+_FAILURES = FailureLog(logger)

@@ -13,14 +13,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
 from registry.errors import ArtifactError, GateRefused, ModelNotLoaded, ModelNotResolvable, RegistryError, ReloadFailed, UnknownModel
-from registry.record import Resolution, Selector
+from registry.record import Resolution, Selector, iso_utc
 from registry.resolver import Resolver
 from registry.settings import RegistrySettings
-from registry.logs import log_fields
+from registry.logs import FailureLog, log_fields
 from registry.metrics import metrics, serving_changed
 from runners.batching import MicroBatcher, forward_plan
 from runners.gate import PromotionGate
@@ -37,7 +36,7 @@ class ServedModel:
     runner: ModelRunner
     resolution: Resolution
     batcher: MicroBatcher
-    loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    loaded_at: str = field(default_factory=lambda: iso_utc(time.time()))
     pending_version: Optional[str] = None  # what the registry says now, when it differs (reload to switch)
     gate: Optional[dict[str, Any]] = None  # the promotion gate's figures for this version
     runner_is_stand_in: bool = False  # the pretrained fallback, not a registry version
@@ -105,6 +104,7 @@ class ModelManager:
         self._retry_at: dict[str, tuple[float, float]] = {}  # name -> (monotonic time of the next try, backoff)
         self._load_lock = threading.Lock()
         self._heap_frozen = False
+        self._failures = FailureLog(logger)
         # `lanes` threads run forward passes, shared by every model of this worker; torch's own
         # thread count decides the parallelism inside each pass (host.start sets it).
         self.lanes, self.torch_threads = forward_plan(settings.forward_threads, settings.torch_threads,
@@ -219,8 +219,10 @@ class ModelManager:
         except (ArtifactError, RegistryError, OSError, RuntimeError, ValueError) as exc:
             reason = f"version {record.version} from {record.source} failed to load: {exc}"
             self._note_error(name, reason)
-            logger.error("[HYBRID] %s; %s", reason, "previous version keeps serving" if previous else "nothing to serve yet",
-                         extra=log_fields(name, record.version, record.source))
+            # Once while the same version keeps failing (start-up retries it every interval).
+            self._failures.failed(f"{name}@{record.version}", reason, "[HYBRID] %s; %s", reason,
+                                  "previous version keeps serving" if previous else "nothing to serve yet",
+                                  extra=log_fields(name, record.version, record.source))
             raise ReloadFailed(name, reason) from exc
         try:
             current.gate = self.gate.check(name, record.version, record.sha256, current.runner.predict,
@@ -234,6 +236,8 @@ class ModelManager:
         current.runner_is_stand_in = stand_in
         self._set_served(name, current)  # the swap: one reference assignment
         self._errors.pop(name, None)
+        self._failures.recovered(f"{name}@{record.version}", "[HYBRID] %s version %s loads now", name, record.version,
+                                 extra=log_fields(name, record.version, record.source))
         if not self._heap_frozen:
             # Once per worker, after its first load: the libraries that load imported (torch,
             # transformers, MLflow: some 700,000 objects) leave the cyclic collector's sight, so a
@@ -332,8 +336,10 @@ class ModelManager:
                 self._retry_at[name] = (time.monotonic() + backoff, backoff)
                 if name in self.wanted:
                     self.wanted[name]["reason"] = exc.reason
-                logger.warning("[HYBRID] %s: wanted version still not serving (%s); next try in %.0fs", name, exc.reason, backoff)
+                self._failures.failed(f"{name}:wanted", exc.reason, "[HYBRID] %s: wanted version still not serving (%s); "
+                                      "retrying with backoff (now %.0fs)", name, exc.reason, backoff, extra=log_fields(name))
                 continue
+            self._failures.recovered(f"{name}:wanted", "[HYBRID] %s: the configured selector loads again", name, extra=log_fields(name))
             if name in self.wanted:  # the selector now names a version that loaded, but not the one wanted
                 self._retry_at[name] = (time.monotonic() + backoff, backoff)
 

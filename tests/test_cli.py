@@ -135,6 +135,10 @@ def test_resolve_prints_record_and_trail(reg: Registry):
     again = reg.json("resolve", reg.name)
     assert [(a["source"], a["outcome"]) for a in again["trail"]] == [("redis", "miss"), ("mlflow", "hit")]
     assert "trail" in reg.table("resolve", reg.name)
+    # Read-only: the MLflow hit was written neither to the cache nor to the backup.
+    backup_before = reg.settings.backup_path.read_bytes()
+    assert reg.json("resolve", reg.name)["trail"][-1]["source"] == "mlflow"
+    assert reg.redis.exists(reg.cache_key) == 0 and reg.settings.backup_path.read_bytes() == backup_before
 
     missing = unique("cli_nothing")
     failed = reg.json("resolve", missing, code=1)
@@ -164,8 +168,12 @@ def test_promote_moves_the_alias_in_mlflow_and_refreshes_the_cache(reg: Registry
     assert pinned["selectors"] == ["latest", "best", "champion"]
     assert pinned["models"][reg.name]["layers"]["redis"]["champion"] == "1"
 
-    assert reg.json("promote", reg.name, "7", code=2)["ok"] is False  # no such version: the caller's mistake
-    assert reg.run("promote", reg.name, "2", "--alias", "latest").exit_code == 2  # reserved by MLflow
+    # No such version: the registry says no (1), in one message; MLflow is left as it was.
+    missing = reg.json("promote", reg.name, "7", code=1)
+    assert missing["ok"] is False and missing["error"] == f"model {reg.name!r} has no version 7 in MLflow (versions: 1, 2)"
+    assert client.get_registered_model(f"security_{reg.name}").aliases == {"best": "2", "champion": "1"}
+    assert "has no version in MLflow" in reg.json("promote", unique("cli_none"), "1", code=1)["error"]
+    assert reg.run("promote", reg.name, "2", "--alias", "latest").exit_code == 2  # reserved by MLflow: usage
 
 
 @pytest.mark.slow
@@ -187,7 +195,10 @@ def test_revoke_deletes_the_version_and_the_cache_drops_it(reg: Registry, mlflow
     stale = reg.json("status", "--model", reg.name, code=1)
     assert ("redis", None, "2") in {(d["layer"], d["selector"], d["holds"]) for d in stale["disagreements"]}
     assert any("which MLflow no longer has" in d["reason"] for d in stale["disagreements"])
-    assert reg.json("revoke", reg.name, "1", "--alias", "champion", code=2)["ok"] is False
+    # The registry says no (1): an alias the version does not carry, a version MLflow does not have.
+    assert reg.json("revoke", reg.name, "1", "--alias", "champion", code=1)["error"] == (
+        f"alias 'champion' of model {reg.name!r} is not on version 1 in MLflow (its aliases: best)")
+    assert reg.json("revoke", reg.name, "2", code=1)["error"] == f"model {reg.name!r} has no version 2 in MLflow (versions: 1)"
 
 
 @pytest.mark.slow
@@ -275,3 +286,32 @@ def test_publish_as_a_subprocess_keeps_stdout_for_json(tmp_path: Path, mlflow_sr
     assert json.loads(status.stdout)["models"][name]["layers"]["file"]["latest"] == "1"
     bad = run("publish", name, "--model-dir", str(tmp_path / "hf"), "--metric", "f1=high", "--json")
     assert bad.returncode == 2 and "not a number" in bad.stderr
+    assert "it/s" not in published.stderr and "%|" not in published.stderr  # no progress bars
+
+
+@pytest.mark.slow
+def test_an_error_is_one_line_on_stderr(tmp_path: Path, redis_srv, mlflow_srv, s3_srv, cache_key: str):
+    """As a new user runs it: the command in a process of its own, stderr read whole."""
+    reg = Registry(tmp_path, redis_srv.port, mlflow_srv.url, cache_key, unique("cli_stderr"))
+    reg.publish(seed=1, f1=0.70)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+    env.update(QUIET_ENV, **{k: v for k, v in reg.env.items() if v is not None})
+    env["REGISTRY_TRAINING_API_URL"] = f"http://127.0.0.1:{free_port()}"  # a layer that is down
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "registry", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    for args, code, says in ((("promote", reg.name, "7"), 1, "has no version 7"),
+                             (("resolve", unique("cli_nothing")), 1, "could be resolved"),
+                             (("revoke", reg.name, "3"), 1, "has no version 3")):
+        done = run(*args)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == code, done.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
+
+    # Through MLflow with the cache emptied: the answer on stdout, nothing on stderr (no progress bars, no log lines).
+    reg.redis.delete(reg.cache_key)
+    resolved = run("resolve", reg.name, "--json")
+    assert resolved.returncode == 0, resolved.stderr
+    assert [(a["source"], a["outcome"]) for a in json.loads(resolved.stdout)["trail"]][-2:] == [("training_api", "unavailable"), ("mlflow", "hit")]
+    assert resolved.stderr.strip() == "", resolved.stderr

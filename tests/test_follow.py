@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,7 @@ def test_alias_moves_reach_both_replicas_by_webhook_under_load_with_gate_and_rol
         assert deliver(first, body, timestamp=time.time() - 301).status_code == 400  # stale
         assert deliver(first, body, timestamp=time.time() + 301).status_code == 400
         replayed = uuid.uuid4().hex
-        accepted_at = time.time()
+        accepted_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")  # answers' times: ISO 8601 UTC
         assert deliver(first, alias_event(model, "other", "1"), delivery_id=replayed).status_code == 202
         # The accepted delivery reconciles in the background: wait until it has, then check nothing rolled out.
         wait_for(lambda: first.admin.get("/registry/health").json()["follow"]["last"][model]["at"] >= accepted_at, 60,

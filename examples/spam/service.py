@@ -14,8 +14,8 @@ from typing import Annotated, Any
 import bentoml
 from pydantic import Field
 
-from registry.errors import ModelNotLoaded
-from runners.admin import error, registry_admin
+from registry.errors import RegistryError
+from runners.admin import error, error_response, registry_admin
 from runners.host import ModelHost
 
 
@@ -32,6 +32,6 @@ class SpamFilter:
             return error(400, "every text must be non-empty")
         try:
             served = self.host.get("spam")  # one snapshot per request
-        except ModelNotLoaded as exc:  # still loading, or nothing loadable: say why (BentoML would answer 500)
-            return error(503, str(exc))
+        except RegistryError as exc:  # still loading, or nothing loadable (503): say why (BentoML would answer 500)
+            return error_response(exc)
         return {"model": served.identity(), "predictions": await served.predict(texts)}

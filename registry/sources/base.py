@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
-from registry.logs import log_fields
+from registry.logs import FailureLog, log_fields
 from registry.payload import ModelSection, RegistryPayload
 from registry.record import ModelRecord, Selector
 
@@ -76,9 +76,8 @@ class RegistrySource(abc.ABC):
     stand_in: bool = False
 
     def __init__(self) -> None:
-        self._failing: Optional[str] = None
-        self._state_lock = threading.Lock()
         self.logger = logging.getLogger(type(self).__module__)
+        self._failures = FailureLog(self.logger)
 
     @abc.abstractmethod
     def lookup(self, name: str, selector: Selector) -> Optional[Answer]:
@@ -100,21 +99,15 @@ class RegistrySource(abc.ABC):
         """The layer as the settings configure it, or None when it is switched off."""
         raise NotImplementedError
 
-    # Logging a failing layer once: the first failure (or a new cause) is a WARNING,
-    # repeats are DEBUG, and the recovery is an INFO line.
+    # Logging a failing layer once: the first failure is a WARNING naming the layer and the cause,
+    # every later attempt (whatever its cause says: a timeout, a changed port) is DEBUG, and the
+    # recovery is one INFO line.
     def note_failure(self, kind: str, cause: str, model: Optional[str] = None) -> None:
-        with self._state_lock:
-            first = self._failing != cause
-            self._failing = cause
-        level = logging.WARNING if first else logging.DEBUG
-        self.logger.log(level, "%s %s %s: %s", self.tag, self.source_id, kind, cause, extra=log_fields(model, None, self.source_id))
+        self._failures.failed("layer", cause, "%s %s %s: %s", self.tag, self.source_id, kind, cause,
+                              extra=log_fields(model, None, self.source_id))
 
     def note_success(self) -> None:
-        with self._state_lock:
-            was = self._failing
-            self._failing = None
-        if was is not None:
-            self.logger.info("%s %s recovered (was: %s)", self.tag, self.source_id, was, extra=log_fields(None, None, self.source_id))
+        self._failures.recovered("layer", "%s %s recovered", self.tag, self.source_id, extra=log_fields(None, None, self.source_id))
 
 
 def section_summary(section: Optional[ModelSection]) -> dict[str, Any]:

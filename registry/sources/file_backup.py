@@ -11,6 +11,7 @@ from typing import Callable, Optional
 from registry.errors import PayloadError, SourceUnavailable
 from registry.files import atomic_write, locked
 from registry.payload import ModelSection, RegistryPayload
+from registry.record import iso_utc
 from registry.settings import RegistrySettings
 from registry.signing import PayloadCodec
 from registry.sources.payload_source import PayloadSource
@@ -79,7 +80,7 @@ class FileBackupSource(PayloadSource):
         self.last_write_error = None
 
     def _write_failed(self, cause: str) -> None:
-        self.last_write_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {cause}"
+        self.last_write_error = f"{iso_utc(time.time())}: {cause}"
 
     def _quarantine(self) -> Path:
         aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
@@ -90,7 +91,7 @@ class FileBackupSource(PayloadSource):
         atomic_write(self.path, self.codec.encode(payload))
 
     def health_detail(self, payload: Optional[RegistryPayload]) -> str:
-        detail = f"{self.path} " + ("absent" if payload is None else f"timestamp {payload.timestamp}")
+        detail = f"{self.path} " + ("absent" if payload is None else f"timestamp {iso_utc(payload.written_at) or payload.timestamp}")
         if self.last_write_error:
             detail += f"; last write failed at {self.last_write_error}"
         return detail

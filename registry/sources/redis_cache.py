@@ -10,6 +10,7 @@ from redis.retry import Retry
 
 from registry.errors import PayloadError, SourceUnavailable
 from registry.payload import ModelSection, RegistryPayload
+from registry.record import iso_utc
 from registry.redis_client import pack_value, redis_from_url, unpack_value
 from registry.settings import RegistrySettings
 from registry.signing import PayloadCodec
@@ -91,7 +92,7 @@ class RedisCacheSource(PayloadSource):
             ttl = f"ttl {self.client.ttl(self.key)}s"
         except redis.RedisError as exc:
             ttl = f"ttl unknown ({type(exc).__name__})"
-        return f"key {self.key!r} {ttl}, timestamp {payload.timestamp}"
+        return f"key {self.key!r} {ttl}, timestamp {iso_utc(payload.written_at) or payload.timestamp}"
 
     def close(self) -> None:
         self.client.close()
