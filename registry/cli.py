@@ -126,8 +126,8 @@ def resolve(out: Output, name: str, selector: Optional[str]) -> None:
             _trail_table(console, trail)
 
         out.done({"ok": False, "model": name, "selector": wanted.value, "error": message, "trail": trail}, render_failure, UNHEALTHY)
-    data = {"ok": True, "model": name, "selector": wanted.value, "record": resolution.record.to_dict(),
-            "trail": resolution.trail_dicts(), "stale": resolution.stale}
+    data: dict[str, Any] = {"ok": True, "model": name, "selector": wanted.value, "record": resolution.record.to_dict(),
+                            "trail": resolution.trail_dicts(), "stale": resolution.stale}
 
     def render(console: Any) -> None:
         _record_table(console, data["record"], f"{name}@{wanted.value}" + (" [yellow](stale)[/]" if resolution.stale else ""))

@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional, TextIO
+from typing import IO, Any, Callable, Iterator, Optional
 
 import click
 
@@ -38,10 +38,10 @@ class Problem(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = UNHEALTHY, **extra: Any):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads the instance's, per failure
         self.extra = extra
 
-    def show(self, file: Optional[TextIO] = None) -> None:
+    def show(self, file: Optional[IO[Any]] = None) -> None:
         click.echo(f"error: {redact_text(self.format_message())}", err=True)
 
 
@@ -91,7 +91,7 @@ class Output:
     def __init__(self, as_json: bool):
         self.as_json = as_json
         self.stdout = RedactingStream(sys.stdout)  # taken before quiet_stdout() swaps it
-        self._console = None
+        self._console: Any = None
 
     @property
     def console(self) -> Any:
@@ -100,7 +100,7 @@ class Output:
 
             tty = hasattr(self.stdout, "isatty") and self.stdout.isatty()
             width = None if tty else int(os.environ.get("COLUMNS") or 120)
-            self._console = Console(file=self.stdout, width=width, highlight=False, soft_wrap=False)
+            self._console = Console(file=self.stdout, width=width, highlight=False, soft_wrap=False)  # type: ignore[arg-type]  # a text stream
         return self._console
 
     def done(self, data: dict[str, Any], render: Callable[[Any], None], code: int = OK) -> None:

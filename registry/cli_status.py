@@ -136,8 +136,8 @@ def collect(settings: RegistrySettings, names: list[str], service: Optional[str]
             authority = None
             layers["mlflow"] = {"configured": True, "state": "unreachable", "error": exc.reason, "uri": settings.mlflow_tracking_uri}
     finally:
-        for source in (*sources, mlflow):
-            source.close()
+        for closing in (*sources, mlflow):
+            closing.close()
     served: dict[str, Any] = {}
     if service:
         token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
@@ -214,9 +214,10 @@ def _service_row(name: str, body: Any, auth: Optional[ModelSection], compare: bo
                 why += f"; version {row['version']} is not in MLflow"
             disagreements.append({"layer": "service", "selector": selector, "holds": row["version"], "mlflow": expected,
                                   "reason": f"serves {row['version']} for {selector} (from {row['source']}), {why}"})
-    if row["wanted"]:
+    wanted = row["wanted"]
+    if isinstance(wanted, dict):
         problems.append({"layer": "service", "model": name,
-                         "reason": f"wants version {row['wanted'].get('version')}: {row['wanted'].get('reason')}"})
+                         "reason": f"wants version {wanted.get('version')}: {wanted.get('reason')}"})
     return row
 
 

@@ -61,10 +61,10 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - a broken format string is logging's problem
             match = None
         tag = match.group(1) if match else None
-        record.tag = tag  # type: ignore[attr-defined]
-        record.layer = fields.get("layer") or _MODULE_LAYERS.get(record.name) or _TAG_LAYERS.get(tag or "")  # type: ignore[attr-defined]
-        record.model = fields.get("model")  # type: ignore[attr-defined]
-        record.version = fields.get("version")  # type: ignore[attr-defined]
+        record.tag = tag
+        record.layer = fields.get("layer") or _MODULE_LAYERS.get(record.name) or _TAG_LAYERS.get(tag or "")
+        record.model = fields.get("model")
+        record.version = fields.get("version")
     return {"tag": record.tag, "layer": record.layer, "model": record.model, "version": record.version}  # type: ignore[attr-defined]
 
 
@@ -95,7 +95,7 @@ class JSONFormatter(logging.Formatter):
         }
         if record.exc_info or record.exc_text:
             # the redacting filter leaves the (redacted) traceback in exc_text
-            body["exception"] = record.exc_text or self.formatException(record.exc_info)
+            body["exception"] = record.exc_text or (self.formatException(record.exc_info) if record.exc_info else "")
         return json.dumps(body, ensure_ascii=False, default=str)
 
 

@@ -253,9 +253,10 @@ def _detail(request: Request, route: str) -> Optional[JSONResponse] | bool:
 def admin_app() -> FastAPI:
     """A FastAPI app with the registry's admin routes; mount it with `bentoml.asgi_app(admin_app(), path="/")`."""
     app = FastAPI(title="registry admin", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _invalid_body)
-    app.add_exception_handler(RegistryError, _registry_error)
+    # starlette types a handler as taking any Exception; each of these takes the one it is registered for
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _invalid_body)  # type: ignore[arg-type]
+    app.add_exception_handler(RegistryError, _registry_error)  # type: ignore[arg-type]
     # /metrics labels requests by path: only the routes this service has, any other path is `other`.
     bound_request_endpoints(ADMIN_ROUTES)
 
@@ -288,7 +289,7 @@ def admin_app() -> FastAPI:
         415: {"description": "body is not JSON"}, 422: {"description": "the version could not be loaded, or the gate refused it"},
         503: {"description": "reload coordination (the bus) failed"}})
     def reload(request: Request, body: Optional[ReloadRequest] = None) -> JSONResponse:
-        body = body or ReloadRequest()
+        body = body or ReloadRequest(model=None, alias=None)
         hosts = _hosts()
         denied = _authorize(hosts[0], request)
         if denied is not None:
@@ -345,7 +346,8 @@ class BodyLimit:
         if b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
             await self.app(scope, receive, send)  # no body
             return
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
@@ -392,7 +394,7 @@ class JSONOnly:
                 response = error(415, f"expected an application/json body, got {content_type!r}")
                 await response(scope, receive, send)
                 return
-            schema = self.schemas.get(path)
+            schema = self.schemas.get(str(path))
             if schema is not None:
                 body = await _read_body(receive)
                 problem = _schema_problem(schema, body)
@@ -574,10 +576,10 @@ def registry_admin(service: Any = None, *, json_routes: tuple[str, ...] = ()) ->
         def __is_ready__(self: Any) -> bool:
             return hosts_ready(self)
     elif inspect.iscoroutinefunction(own_ready):
-        async def __is_ready__(self: Any) -> bool:  # type: ignore[misc]
+        async def __is_ready__(self: Any) -> bool:  # type: ignore[misc]  # one of three definitions
             return hosts_ready(self) and bool(await own_ready(self))
     else:
-        def __is_ready__(self: Any) -> bool:  # type: ignore[misc]
+        def __is_ready__(self: Any) -> bool:
             return hosts_ready(self) and bool(own_ready(self))
 
     @bentoml.on_shutdown

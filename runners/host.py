@@ -128,7 +128,7 @@ class ModelHost:
         import torch
 
         torch.set_num_threads(self.manager.torch_threads)
-        loops: list[tuple[str, Callable[[], None], float]] = [
+        loops: list[tuple[str, Callable[[], None], float | Callable[[], float]]] = [
             ("model-loader", self._load_step, self.settings.retry_interval),
             ("heartbeat", self._heartbeat_step, 1.0),
             ("reload-watcher", self._watch_step, 0.25),
@@ -297,8 +297,9 @@ class ModelHost:
         start = time.perf_counter()
         layers = [h.to_dict() for h in self.resolver.health(self.manager.names)]
         try:
-            bus = {"kind": self.bus.kind, "reachable": True, "generation": self.bus.generation(), "serving": self.bus.serving()}
-            bus["live_workers"] = sorted(bus["serving"])
+            serving = self.bus.serving()
+            bus: dict[str, Any] = {"kind": self.bus.kind, "reachable": True, "generation": self.bus.generation(), "serving": serving,
+                                   "live_workers": sorted(serving)}
         except CoordinationError as exc:
             bus = {"kind": self.bus.kind, "reachable": False, "error": str(exc)}
         return {

@@ -36,7 +36,7 @@ class ServedModel:
     runner: ModelRunner
     resolution: Resolution
     batcher: MicroBatcher
-    loaded_at: str = field(default_factory=lambda: iso_utc(time.time()))
+    loaded_at: Optional[str] = field(default_factory=lambda: iso_utc(time.time()))
     pending_version: Optional[str] = None  # what the registry says now, when it differs (reload to switch)
     gate: Optional[dict[str, Any]] = None  # the promotion gate's figures for this version
     runner_is_stand_in: bool = False  # the pretrained fallback, not a registry version
@@ -146,7 +146,7 @@ class ModelManager:
     def describe(self, name: str) -> dict[str, Any]:
         """What `/models` says of one model: what serves, and what it wanted or tried and did not."""
         served = self._served.get(name)
-        body = served.describe() if served is not None else {"name": name, "loaded": False, "error": self._errors.get(name)}
+        body: dict[str, Any] = served.describe() if served is not None else {"name": name, "loaded": False, "error": self._errors.get(name)}
         if served is not None:
             body["torch_threads"] = self.torch_threads  # of each forward pass; `forward_threads` says how many at once
         if name in self.wanted:

@@ -35,6 +35,10 @@ class PayloadSource(RegistrySource):
         self._parsed = (bytes(raw), payload, {})
         return payload
 
+    def store_section(self, section: ModelSection, *, replace: bool = False) -> None:
+        """Write one model's section into the payload (the layers the chain writes back to: cache, backup)."""
+        raise NotImplementedError(f"the {self.source_id} layer is read, never written")
+
     @staticmethod
     def _unpack(raw: bytes, where: str) -> bytes:
         """The payload text of a stored value; a layer that stores it otherwise (gzip) says how to read it."""

@@ -17,6 +17,11 @@ from registry.signing import PayloadCodec
 from registry.sources.payload_source import PayloadSource
 
 
+
+def _as_bytes(raw: bytes | str) -> bytes:
+    """A value as read: bytes (the client does not decode responses; typed as either by redis-py)."""
+    return raw if isinstance(raw, bytes) else raw.encode("utf-8")
+
 class RedisCacheSource(PayloadSource):
     """The cache: one pooled client, short timeouts, redis-py's own retry with backoff."""
 
@@ -55,7 +60,7 @@ class RedisCacheSource(PayloadSource):
         if raw is None:
             return None
         where = f"redis key {self.key!r}"
-        return self.decode(raw, where=where)
+        return self.decode(_as_bytes(raw), where=where)
 
     def store_section(self, section: ModelSection, *, replace: bool = False) -> None:
         """Merge one model's section into the cached payload, atomically (WATCH/MULTI, retried by redis-py).
@@ -67,7 +72,7 @@ class RedisCacheSource(PayloadSource):
         def merge(pipe: redis.client.Pipeline) -> None:
             raw = pipe.get(self.key)
             try:
-                current = self.codec.decode(unpack_value(raw, "redis"), where="redis") if raw is not None else RegistryPayload.empty()
+                current = self.codec.decode(unpack_value(_as_bytes(raw), "redis"), where="redis") if raw is not None else RegistryPayload.empty()
             except PayloadError:
                 current = RegistryPayload.empty()  # a corrupt cache value is replaced, the registry below is intact
             pipe.multi()
