@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from bench.report import AreaReport, machine_info, render
 
-AREAS = ("resolution", "hotpath", "reload", "coldstart", "scale", "follow")
+AREAS = ("resolution", "hotpath", "reload", "coldstart", "scale", "follow", "robustness")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
 
@@ -55,6 +55,15 @@ TARGETS = (
     Target("seed design: file resolution under 10-50 ms (aim far below)", "resolution", "file_seed", lambda v: v < 10.0, "value"),
     Target("alias move to every replica by webhook within the raw load + 1 s (max)", "follow", "webhook_slack", lambda r: r <= 1.0),
     Target("MLflow polls per interval do not grow with replicas (N=2 within 1.2 x N=1)", "follow", "polls_growth", lambda r: r <= 1.2),
+    # issue 15: length robustness (REGISTRY_LONG_TEXT=windows, the default)
+    Target("recall on held-out injections at every length (0-20 sentences before, past 512 tokens, first of a long text) "
+           "within 0.05 of recall on bare injections", "robustness", "recall_gap_windows", lambda v: v <= 0.05, "value"),
+    Target("false-positive rate on longer held-out benign texts no higher than on short ones", "robustness",
+           "fpr_excess_windows", lambda v: v <= 0.0, "value"),
+    Target("short-text throughput at 32 clients, windows >= 0.97 x truncate", "robustness", "short_rps_windows_vs_truncate",
+           lambda r: r >= 0.97),
+    Target("zero non-200 answers (or errors) at 32 clients, windows and truncate, short and mixed traffic", "robustness", "bad_32",
+           lambda v: v == 0, "value"),
 )
 
 #: Variables of the user's shell that would leak into the measured configuration.

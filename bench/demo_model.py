@@ -1,9 +1,11 @@
-"""The demo MiniLM classifier the hot path, reload and cold-start areas serve, and the text mix they send.
+"""The demo MiniLM classifier the hot path, reload, cold-start and robustness areas serve, and the text mix they send.
 
-Trained once (one epoch) and published twice (versions 1 and 2, same weights, two artifacts: the
+The length-robust demo model (training/demo.py, its defaults: what `make serve` trains, windows of
+256 tokens) trained once and published twice (versions 1 and 2, same weights, two artifacts: the
 reload area switches between them) into a sqlite MLflow store under `data/bench/demo/`, which the
 repository ignores; later runs reuse it. The artifact cache beside it stays warm across runs, so
-every load compared in the suite reads the same local files.
+every load compared in the suite reads the same local files. A store made by an older recipe
+(`meta.json`'s `recipe` differs from RECIPE) is replaced.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 NAME = "prompt_injection"
 VERSIONS = 2
+#: What the stored demo model was trained as; a store of another recipe is trained again.
+RECIPE = "length-robust-v2 (training.demo defaults: 256-token windows, 3 frozen layers)"
 
 
 @dataclass(frozen=True)
@@ -50,12 +54,17 @@ class DemoModel:
 
 
 def ensure_demo_model(root: Path, say: Callable[[str], None] = print) -> DemoModel:
-    """Reuse the registered demo model under `root`, or train it (one epoch) and publish it twice."""
+    """Reuse the registered demo model under `root`, or train it (training.demo's defaults) and publish it twice."""
+    import shutil
+
     from registry.sources.mlflow_registry import MLflowRegistrySource
 
+    meta_path = root / "meta.json"
+    if root.exists() and (not meta_path.exists() or json.loads(meta_path.read_text()).get("recipe") != RECIPE):
+        say(f"[bench] {root} holds a demo model of another recipe: replacing it")
+        shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    meta_path = root / "meta.json"
     base = dict(models=[NAME], mlflow_tracking_uri=uri, backup_path=root / "model_registry.json",
                 artifact_cache=root / "artifacts", redis_url=None, training_api_url=None)
     settings = RegistrySettings.from_env(**base)
@@ -65,22 +74,25 @@ def ensure_demo_model(root: Path, say: Callable[[str], None] = print) -> DemoMod
         section = source.section(NAME)
         have = len(section.versions) if section else 0
         if have < VERSIONS:
-            from training.demo import _quiet_transformers, train_demo_model
+            from training.demo import TrainingConfig, _quiet_transformers, train
             from training.publisher import Publisher
 
             _quiet_transformers()
-            say(f"[bench] training the demo MiniLM classifier (1 epoch) into {root} - once; later runs reuse it")
+            say(f"[bench] training the length-robust demo MiniLM classifier ({TrainingConfig.epochs} epochs, a few minutes) "
+                f"into {root} - once; later runs reuse it")
             started = time.perf_counter()
-            model, tokenizer, metrics = train_demo_model(epochs=1)
+            result = train(TrainingConfig())
             trained = time.perf_counter() - started
             publisher = Publisher(settings)
             try:
                 for _ in range(VERSIONS - have):
-                    published = publisher.publish(NAME, model, tokenizer, metrics, params={"epochs": 1, "purpose": "bench"})
+                    published = publisher.publish(NAME, result.model, result.tokenizer, result.metrics,
+                                                  params={**result.params, "purpose": "bench"})
                     say(f"[bench] published {published.record.name} version {published.record.version}")
             finally:
                 publisher.close()
-            meta_path.write_text(json.dumps({"metrics": metrics, "train_seconds": round(trained, 1), "epochs": 1,
+            meta_path.write_text(json.dumps({"recipe": RECIPE, "metrics": result.metrics, "train_seconds": round(trained, 1),
+                                             "params": result.params,
                                              "publish_seconds": round(time.perf_counter() - started - trained, 1)}, indent=2))
             section = source.section(NAME)
         assert section is not None
