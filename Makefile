@@ -13,6 +13,9 @@ export UV_CACHE_DIR ?= $(CURDIR)/.cache/uv
 # The embedded default of `make serve`: a local MLflow store and the file backup, nothing else.
 SERVE_MLFLOW ?= sqlite:///$(CURDIR)/data/mlflow.db
 SERVE_MODELS ?= prompt_injection
+# The demo's promotion gate: held-out examples, short and long (training/data/gate_prompt_injection.jsonl);
+# the demo model reads about 0.82 of it. SERVE_GATE='{}' turns it off.
+SERVE_GATE ?= {"prompt_injection": {"path": "training/data/gate_prompt_injection.jsonl", "min_accuracy": 0.7, "max_drop": 0.05}}
 # The local reload bus, shared by the service and the publishing commands (no Redis needed).
 export REGISTRY_RELOAD_DIR ?= $(CURDIR)/data/reload
 PORT ?= 3000
@@ -39,7 +42,7 @@ demo-model: setup
 		$(BIN)/python -m training.demo --if-missing --name $(SERVE_MODELS)
 
 serve: demo-model
-	MLFLOW_TRACKING_URI=$(SERVE_MLFLOW) REGISTRY_MODELS=$(SERVE_MODELS) \
+	MLFLOW_TRACKING_URI=$(SERVE_MLFLOW) REGISTRY_MODELS=$(SERVE_MODELS) REGISTRY_GATE='$(SERVE_GATE)' \
 		REGISTRY_BACKUP_PATH=data/model_registry.json REGISTRY_ARTIFACT_CACHE=data/artifacts \
 		$(BIN)/bentoml serve service:SecurityClassifier --port $(PORT)
 
