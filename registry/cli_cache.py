@@ -94,7 +94,8 @@ def show(out: Output, models: tuple[str, ...]) -> None:
 
 
 @cache.command("refresh")
-@click.option("--model", "models", multiple=True, metavar="NAME", help="model to refresh (repeatable; default REGISTRY_MODELS, else every model in MLflow)")
+@click.option("--model", "models", multiple=True, metavar="NAME",
+              help="model to refresh (repeatable; default REGISTRY_MODELS, else every model in MLflow)")
 @json_option
 def refresh(out: Output, models: tuple[str, ...]) -> None:
     """Rewrite the cache and the file backup from MLflow (deleted versions go), and tell the services."""

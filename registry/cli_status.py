@@ -150,14 +150,16 @@ def collect(settings: RegistrySettings, names: list[str], service: Optional[str]
     selectors = selectors_for(settings)
     problems = [{"layer": lid, "reason": f"{info['state']}: {info['error']}"} for lid, info in layers.items()
                 if info["state"] in ("unreachable", "rejected")]
-    models = {name: _model(name, settings.registered_name(name), selectors, authority, payloads, layers, served if service else None, settings.alias, problems)
+    models = {name: _model(name, settings.registered_name(name), selectors, authority, payloads, layers, served if service else None,
+                           settings.alias, problems)
               for name in wanted}
     disagreements = [d for m in models.values() for d in m["disagreements"]]
     return {"ok": not disagreements and not problems, "selectors": selectors, "layers": layers, "models": models,
             "disagreements": disagreements, "problems": problems}
 
 
-def _model(name: str, registered_name: str, selectors: list[str], authority: Optional[RegistryPayload], payloads: dict[str, Optional[RegistryPayload]],
+def _model(name: str, registered_name: str, selectors: list[str], authority: Optional[RegistryPayload],
+           payloads: dict[str, Optional[RegistryPayload]],
            layers: dict[str, dict[str, Any]], served: Optional[dict[str, Any]], default_selector: str,
            problems: list[dict[str, Any]]) -> dict[str, Any]:
     auth = authority.section(name, source="mlflow") if authority is not None else None

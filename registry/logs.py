@@ -155,7 +155,7 @@ def configure_logging(level: str, log_format: str) -> None:
 
 def install_record_fields() -> None:
     """`RecordFields` on every handler of the process, so any format may name `%(layer)s` or `%(tag)s`."""
-    loggers = [logging.getLogger()] + [l for l in list(logging.Logger.manager.loggerDict.values()) if isinstance(l, logging.Logger)]
+    loggers = [logging.getLogger()] + [x for x in list(logging.Logger.manager.loggerDict.values()) if isinstance(x, logging.Logger)]
     for handler in {id(h): h for logger in loggers for h in logger.handlers}.values():
         if not any(isinstance(f, RecordFields) for f in handler.filters):
             handler.addFilter(RecordFields())

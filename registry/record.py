@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Optional
 
 from registry.errors import PayloadError, SelectorError, safe_repr
+from registry.trail import LayerAttempt, Outcome  # noqa: F401 - part of this module's API
 
 
 def iso_utc(epoch: Optional[float]) -> Optional[str]:
@@ -15,7 +16,7 @@ def iso_utc(epoch: Optional[float]) -> Optional[str]:
     from datetime import datetime, timezone
 
     return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
-from registry.trail import LayerAttempt, Outcome  # noqa: F401 - part of this module's API
+
 
 LATEST = "latest"
 BEST = "best"

@@ -50,7 +50,7 @@ class TrainingRegistry:
             try:
                 if isinstance(layer, MLflowRegistrySource):
                     payload: Optional[RegistryPayload] = layer.payload()
-                    write_all((self.cache, self.backup), lambda target: target.store_payload(payload), "refresh failed")
+                    write_all((self.cache, self.backup), lambda target, fresh=payload: target.store_payload(fresh), "refresh failed")
                 else:
                     payload = layer.load_payload()
             except (SourceUnavailable, PayloadError) as exc:
@@ -69,7 +69,7 @@ def create_app(settings: Optional[RegistrySettings] = None) -> Starlette:
     settings = settings or RegistrySettings.from_env()
     registry = TrainingRegistry(settings)
     if registry.mlflow is not None:
-        registry.mlflow.client  # import mlflow now (seconds), not inside the first request's timeout
+        _ = registry.mlflow.client  # import mlflow now (seconds), not inside the first request's timeout
 
     async def models_latest(request: Request) -> Response:
         # Blocking clients run in Starlette's thread pool, never on the event loop.

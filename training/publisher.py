@@ -90,7 +90,8 @@ def _log_model(flavor: str, model: Any, tokenizer: Any, registered: str) -> Any:
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
-        example = tokenizer(["an example input", "a second, longer example input text"], padding="max_length", max_length=16, truncation=True, return_tensors="np")
+        example = tokenizer(["an example input", "a second, longer example input text"], padding="max_length", max_length=16, truncation=True,
+                            return_tensors="np")
         inputs = (example["input_ids"].astype(np.int64), example["attention_mask"].astype(np.int64))
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1), "input_ids"), TensorSpec(np.dtype(np.int64), (-1, -1), "attention_mask")]),

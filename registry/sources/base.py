@@ -91,7 +91,7 @@ class RegistrySource(abc.ABC):
         """Why a miss may be no news (shown in the trail); the default says nothing."""
         return ""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a layer holding no connection has nothing to release
         """Release connections; the default holds none."""
 
     @classmethod
