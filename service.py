@@ -3,8 +3,8 @@
     bentoml serve service:SecurityClassifier
 
 It is the first user of the plugin: the registry work (resolve, load beside, gate, swap, follow,
-the reload bus) is `runners.host.ModelHost`'s, and the admin routes (POST /reload, GET /models,
-GET /registry/health, POST /registry/webhook) come from `runners.admin.registry_admin`. Its own
+the reload bus) is `serving.host.ModelHost`'s, and the admin routes (POST /reload, GET /models,
+GET /registry/health, POST /registry/webhook) come from `serving.admin.registry_admin`. Its own
 route is POST /classify (a BentoML API, in the OpenAPI at /docs.json); BentoML adds /readyz,
 /livez and /metrics.
 """
@@ -23,8 +23,8 @@ from starlette.responses import JSONResponse
 from registry.errors import RegistryError, SettingsError
 from registry.redaction import redact
 from registry.settings import ENV_PREFIX, RegistrySettings, load_settings
-from runners.admin import error, error_response, registry_admin
-from runners.host import ModelHost
+from serving.admin import error, error_response, registry_admin
+from serving.host import ModelHost
 
 logger = logging.getLogger("service")
 

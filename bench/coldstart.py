@@ -24,7 +24,7 @@ import torch
 torch.set_num_threads(1)
 from registry.resolver import Resolver
 from registry.settings import RegistrySettings
-from runners.runner import TextClassificationRunner
+from runners.text import TextClassificationRunner
 t1 = time.perf_counter()
 settings = RegistrySettings.from_env()
 resolution = Resolver.from_settings(settings).resolve(settings.models[0], settings.alias)

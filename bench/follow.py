@@ -266,7 +266,7 @@ def raw_loads(records: dict[str, Any], mlflow_url: str, cache_dir: Path, n_warm:
     included), then again from that warm cache, versions alternating; one torch thread, as a worker runs."""
     import torch
 
-    from runners.runner import TextClassificationRunner
+    from runners.text import TextClassificationRunner
     from tests.helpers import settings_for
 
     settings = settings_for(cache_dir, mlflow_uri=mlflow_url)

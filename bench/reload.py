@@ -44,7 +44,7 @@ def raw_loads(lab: Lab, n: int) -> list[float]:
     """Seconds of `TextClassificationRunner(record, settings).load()` in this process, versions alternating."""
     import torch
 
-    from runners.runner import TextClassificationRunner
+    from runners.text import TextClassificationRunner
 
     demo = lab.demo()
     previous = torch.get_num_threads()

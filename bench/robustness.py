@@ -4,7 +4,7 @@ Two parts, one run, on the registered demo model (version 1, trained length-robu
 bench/demo_model.py):
 
 - accuracy by length, in this process, through the service's own runner
-  (`runners.runner.TextClassificationRunner` on the registered artifact) for each
+  (`runners.text.TextClassificationRunner` on the registered artifact) for each
   `REGISTRY_LONG_TEXT` mode (`windows`, `truncate`, `head_tail`): recall on held-out injections
   placed after 0, 1, 2, 5 and 20 benign sentences, past 512 tokens of benign text, and first before
   about 3,000 characters of it; false-positive rate on held-out benign texts (hard negatives among
@@ -38,7 +38,7 @@ LONG_SHARE = 0.2  # of the mixed traffic's requests
 
 def accuracy_by_length(lab: Lab, per_bucket: Optional[int]) -> dict[str, Any]:
     """{mode: {"recall": {bucket: r}, "fpr": {bucket: f}, "seconds", "windows_read"}, "rows": counts} through the runner."""
-    from runners.runner import TextClassificationRunner
+    from runners.text import TextClassificationRunner
     from training.data import compose
 
     demo = lab.demo()

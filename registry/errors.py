@@ -26,7 +26,7 @@ def safe_repr(value: object, limit: int = 80) -> str:
 class RegistryError(Exception):
     """Root of every error raised by this project.
 
-    `status` is the HTTP status an answer about this error carries (`runners.admin.error_response`
+    `status` is the HTTP status an answer about this error carries (`serving.admin.error_response`
     is the one place that turns an error into an answer); the default, 500, means "our fault".
     """
 

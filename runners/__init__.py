@@ -3,6 +3,6 @@
 from runners.artifacts import ArtifactStore
 from runners.base import Runner
 from runners.kinds import register_runner
-from runners.runner import TextClassificationRunner
+from runners.text import TextClassificationRunner
 
 __all__ = ["ArtifactStore", "Runner", "TextClassificationRunner", "register_runner"]

@@ -40,7 +40,7 @@ class ModelRunner(Protocol):
 
 
 def _text_classification() -> type:
-    from runners.runner import TextClassificationRunner
+    from runners.text import TextClassificationRunner
 
     return TextClassificationRunner
 

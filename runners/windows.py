@@ -14,7 +14,7 @@ is read:
 - `head_tail`: the first quarter of a window and the rest from the text's end (Sun et al., "How to
   Fine-Tune BERT for Text Classification?"); `skipped` names the characters between them.
 
-The windows of all texts of a forward batch are grouped by length together (runners/runner.py),
+The windows of all texts of a forward batch are grouped by length together (runners/text.py),
 so a long text costs its windows, not a pass of its own.
 """
 

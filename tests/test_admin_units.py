@@ -16,8 +16,8 @@ from registry.errors import (ArtifactError, GateRefused, ModelNotLoaded, ModelNo
                              SettingsError, SourceUnavailable, UnknownModel)
 from registry.logs import JSONFormatter, log_fields
 from registry.record import LayerAttempt, Outcome
-from runners.admin import error_response, hosts_ready, registry_admin, stop_hosts
-from runners.host import ModelHost
+from serving.admin import error_response, hosts_ready, registry_admin, stop_hosts
+from serving.host import ModelHost
 from tests.helpers import save_hf_dir
 
 TOKEN = "unit-token"

@@ -14,9 +14,9 @@ from registry.errors import SettingsError
 from registry.record import ModelRecord, Resolution, Selector
 from registry.resolver import Resolver
 from registry.settings import RegistrySettings
-from runners.batching import MicroBatcher, available_cpus, cgroup_cpu_quota, forward_plan
-from runners.manager import ModelManager
-from runners.runner import TextClassificationRunner
+from serving.batching import MicroBatcher, available_cpus, cgroup_cpu_quota, forward_plan
+from serving.manager import ModelManager
+from runners.text import TextClassificationRunner
 from tests.helpers import save_hf_dir, settings_for
 
 

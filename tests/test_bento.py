@@ -105,13 +105,13 @@ def test_bento_builds_with_service_code_pins_and_envs(built_bento: dict[str, Any
     src = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*.py")}
     assert "service.py" in src
     for module in ("registry/resolver.py", "registry/coordination.py", "registry/sources/redis_cache.py",
-                   "registry/sources/mlflow_registry.py", "registry/sources/file_backup.py", "runners/runner.py",
-                   "runners/manager.py", "runners/batching.py", "runners/artifacts.py"):
+                   "registry/sources/mlflow_registry.py", "registry/sources/file_backup.py", "runners/text.py",
+                   "serving/manager.py", "serving/batching.py", "runners/artifacts.py"):
         assert module in src, module
     assert not any(p.startswith("tests/") for p in src), "tests are not shipped"
     # exactly the service's code: nothing from .cache/, data/ or examples/ that happens to share a name
     shipped = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
-    code = {p.relative_to(REPO).as_posix() for d in ("registry", "runners") for p in (REPO / d).rglob("*.py")}
+    code = {p.relative_to(REPO).as_posix() for d in ("registry", "runners", "serving") for p in (REPO / d).rglob("*.py")}
     code |= {"training/__init__.py", "training/publisher.py"}  # the `registry` command's publish/promote/revoke
     assert shipped == code | {"service.py", "README.md", "bentofile.yaml"}, sorted(shipped ^ (code | {"service.py", "README.md", "bentofile.yaml"}))
 

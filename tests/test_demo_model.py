@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
 
 
 def _runner(directory, tmp_path, mode):
-    from runners.runner import TextClassificationRunner
+    from runners.text import TextClassificationRunner
 
     record = ModelRecord(name="prompt_injection", version="0", model_uri=str(directory), artifact_uri=str(directory),
                          source="huggingface")

@@ -29,7 +29,7 @@ from registry.settings import RegistrySettings
 from registry.signing import PayloadCodec
 from registry.sources.base import CircuitBreaker
 from registry.sources.file_backup import FileBackupSource
-from runners.host import supervised
+from serving.host import supervised
 from tests.helpers import dead_url, publish_tiny, settings_for
 from tests.servers import free_port
 
@@ -155,13 +155,13 @@ def test_supervised_step_keeps_running_through_errors_and_warns_once_while_it_ke
         if calls.count("ok") == 3:
             stop.set()
 
-    with caplog.at_level(logging.DEBUG, logger="runners.host"):
+    with caplog.at_level(logging.DEBUG, logger="serving.host"):
         thread = run_supervised(step, stop)
         thread.join(timeout=10)
     assert not thread.is_alive(), "supervised did not return after stop was set"
     assert calls == ["fail"] * 9 + ["ok"] * 3
 
-    records = [r for r in caplog.records if r.name == "runners.host" and "unit-loop" in r.getMessage()]
+    records = [r for r in caplog.records if r.name == "serving.host" and "unit-loop" in r.getMessage()]
     # One WARNING when it starts failing (with the traceback of an unexpected error), whatever the
     # later causes say: every other attempt is DEBUG.
     warnings = [r for r in records if r.levelno == logging.WARNING]
@@ -186,7 +186,7 @@ def test_supervised_warns_again_when_the_same_cause_returns_after_a_recovery(cap
         if what == "fail":
             raise RuntimeError("flaky")
 
-    with caplog.at_level(logging.INFO, logger="runners.host"):
+    with caplog.at_level(logging.INFO, logger="serving.host"):
         thread = run_supervised(step, stop, name="again-loop")
         thread.join(timeout=10)
     assert not thread.is_alive()

@@ -10,7 +10,7 @@ import pytest
 
 from registry.errors import GateRefused, ReloadFailed, SettingsError
 from registry.settings import GateSpec
-from runners.gate import GateSet, PromotionGate
+from serving.gate import GateSet, PromotionGate
 
 MODEL = "prompt_injection"
 SHA_A = "a" * 64

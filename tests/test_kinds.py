@@ -13,7 +13,7 @@ from registry.resolver import Resolver
 from registry.settings import RegistrySettings
 from runners import Runner, register_runner
 from runners.kinds import RUNNERS, runner_class, runner_factory
-from runners.manager import ModelManager
+from serving.manager import ModelManager
 
 
 class KeywordRunner(Runner):

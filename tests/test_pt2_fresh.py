@@ -36,8 +36,8 @@ CHILD = f"""
 import json, sys
 
 import registry
-import runners.runner
-from runners.runner import FORM_PT2, TextClassificationRunner
+import runners.text
+from runners.text import FORM_PT2, TextClassificationRunner
 
 assert "transformers.modeling_outputs" not in sys.modules, "transformers modeling code imported before load"
 args = json.loads(sys.argv[1])

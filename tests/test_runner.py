@@ -21,7 +21,7 @@ from registry.errors import ArtifactError
 from registry.record import ModelRecord
 from registry.settings import RegistrySettings
 from runners import ArtifactStore, TextClassificationRunner
-from runners.runner import FORM_HUGGINGFACE, FORM_PICKLE, FORM_PT2, FORM_TRANSFORMERS
+from runners.text import FORM_HUGGINGFACE, FORM_PICKLE, FORM_PT2, FORM_TRANSFORMERS
 from tests.helpers import reference_predictions
 from tests.tiny_models import tiny_classifier
 from training.publisher import FLAVORS, PIP_REQUIREMENTS, Publisher, _LogitsOnly
@@ -430,7 +430,7 @@ def test_allow_list_for_fallbacks(published: Published, tmp_path: Path) -> None:
 
 
 def test_length_groups_keep_similar_lengths_together():
-    from runners.runner import length_groups
+    from runners.text import length_groups
 
     lengths = [10, 500, 12, 11, 480, 9, 30]
     groups = length_groups(lengths, max_size=3)

@@ -13,7 +13,7 @@ import boto3
 import httpx
 import pytest
 
-from runners.batching import forward_plan
+from serving.batching import forward_plan
 from tests.helpers import Tally, publish_tiny, save_hf_dir, service_env, settings_for, tiny_predictions, wait_for
 from tests.service_proc import ADMIN_TOKEN, ServiceProcess
 from tests.servers import mlflow_server, s3_server

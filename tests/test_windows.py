@@ -18,8 +18,8 @@ import pytest
 from registry.errors import SettingsError
 from registry.record import ModelRecord
 from registry.settings import RegistrySettings
-from runners.batching import MicroBatcher
-from runners.runner import TextClassificationRunner
+from serving.batching import MicroBatcher
+from runners.text import TextClassificationRunner
 from runners.windows import Piece, Reading, positive_labels
 from tests.tiny_models import tiny_classifier
 
@@ -223,7 +223,7 @@ def test_the_gate_reads_long_examples_whole(trained_dir: Path, tmp_path: Path) -
 
     from registry.errors import GateRefused
     from registry.settings import GateSpec
-    from runners.gate import PromotionGate
+    from serving.gate import PromotionGate
 
     rows = [{"text": INJECTIONS[0], "label": "INJECTION"}, {"text": "hello what is the weather", "label": "SAFE"}]
     for where in ("start", "middle", "end"):

@@ -17,8 +17,8 @@ import bentoml
 from pydantic import Field
 
 from registry.errors import RegistryError
-from runners.admin import admin_app, error_response, hosts_ready, install_admin_middleware, start_hosts, stop_hosts
-from runners.host import ModelHost
+from serving.admin import admin_app, error_response, hosts_ready, install_admin_middleware, start_hosts, stop_hosts
+from serving.host import ModelHost
 
 
 @bentoml.asgi_app(admin_app(), path="/")

@@ -23,8 +23,8 @@ import bentoml
 from pydantic import Field
 
 from registry.errors import RegistryError
-from runners.admin import error, error_response, registry_admin
-from runners.host import ModelHost
+from serving.admin import error, error_response, registry_admin
+from serving.host import ModelHost
 
 #: What one request may hold: checked before the model sees it (a body that breaks it: 400 naming the field).
 Texts = Annotated[list[Annotated[str, Field(max_length=10_000)]], Field(min_length=1, max_length=64)]

@@ -15,8 +15,8 @@ import bentoml
 from pydantic import Field
 
 from registry.errors import RegistryError
-from runners.admin import error, error_response, registry_admin
-from runners.host import ModelHost
+from serving.admin import error, error_response, registry_admin
+from serving.host import ModelHost
 
 
 @registry_admin(json_routes=("/score",))  # a body that does not match score's signature: 400 naming the field

@@ -121,6 +121,7 @@ class TextClassificationRunner(Runner):
         #: How texts longer than the window are read (REGISTRY_LONG_TEXT), set at load.
         self.reading: Optional[Reading] = None
         self._offsets = False  # whether the tokenizer gives character offsets (a fast tokenizer)
+        self._built_from: Union[Path, str, None] = None
         self._counts_lock = threading.Lock()
         self.windows_read = 0  # model inputs classified (a long text is several)
         self.forward_passes = 0
@@ -133,13 +134,14 @@ class TextClassificationRunner(Runner):
     def build(self, location: Union[Path, str]) -> None:
         """Detect the artifact's form and build it on the device; the reading of long texts with it."""
         form = detect_form(location)
-        loaders = {
+        loaders: dict[str, Callable[[Any], _LoadedModel]] = {  # a hub id (str) only for the Hugging Face form
             FORM_TRANSFORMERS: self._load_mlflow_transformers,
             FORM_PICKLE: self._load_pytorch_pickle,
             FORM_PT2: self._load_pytorch_pt2,
             FORM_HUGGINGFACE: self._load_huggingface,
         }
         self.form = form
+        self._built_from = location  # the artifact directory (or hub id): exported accelerations are cached beside it
         model = loaders[form](location)
         self.reading = reading_for(self.settings, model.tokenizer, model.max_length, model.labels)
         self._offsets = bool(getattr(model.tokenizer, "is_fast", False))
@@ -265,6 +267,7 @@ class TextClassificationRunner(Runner):
             "windows_read": self.windows_read,
             "forward_passes": self.forward_passes,
             **({"accelerate": self.accelerate_info} if self.accelerate_info else {}),
+            **({"near_tie": dict(counts)} if (counts := getattr(self._model.forward if self._model else None, "counts", None)) else {}),
         }
 
     def release(self) -> None:
@@ -292,9 +295,10 @@ class TextClassificationRunner(Runner):
         step = self.settings.forward_batch_size
         batches = [{k: v.to(self.device) for k, v in self.tokenize(texts[i:i + step]).items()} for i in range(0, len(texts), step)]
         max_diff = self.settings.accelerate_max_diff
-        started = time.perf_counter()
+        started, conversions = time.perf_counter(), accelerate.CONVERSIONS[requested]
         try:
-            forward, parity = accelerate.accelerate(requested, model.module, model.forward, _module_forward, batches, source, max_diff)
+            forward, parity = accelerate.accelerate(requested, model.module, model.forward, _module_forward, batches, source, max_diff,
+                                                    plan=self._acceleration_plan(model))
         except accelerate.AccelerationRefused as exc:
             self.accelerate_info = {"requested": requested, "refused": str(exc)}
             logger.warning("%s %s v%s: %s refused, eager serves: %s", self.tag, self.record.name, self.record.version, requested, exc)
@@ -303,9 +307,29 @@ class TextClassificationRunner(Runner):
         self._model = _LoadedModel(model.tokenizer, forward, model.labels, model.max_length, model.pad_to_max_length, None)
         self.execution = requested
         self.accelerate_info = {"requested": requested, "parity": parity.to_dict(), "max_diff": max_diff,
-                                "seconds": round(time.perf_counter() - started, 3)}
+                                "seconds": round(time.perf_counter() - started, 3),
+                                **({"converted": accelerate.CONVERSIONS[requested] > conversions} if requested in accelerate.EXPORTED else {})}
         logger.info("%s %s v%s runs %s (parity on %s: max probability difference %.4f)", self.tag, self.record.name,
                     self.record.version, requested, parity.source, parity.max_diff)
+
+    def _acceleration_plan(self, model: _LoadedModel) -> Any:
+        """Where an exported acceleration is cached (beside the artifact in the artifact cache, by its digest) and
+        the threads it runs with (those of the forward lanes: REGISTRY_FORWARD_THREADS, REGISTRY_TORCH_THREADS)."""
+        from registry.digest import tree_sha256
+        from runners import accelerate
+        from serving.batching import forward_plan
+
+        lanes, threads = forward_plan(self.settings.forward_threads, self.settings.torch_threads,
+                                      workers=self.settings.workers, cuda=self.device.type == "cuda")
+        cache_dir: Optional[Path] = None
+        location = self._built_from
+        if location is not None and Path(location).is_dir():
+            entry = self.store.entry_dir(self.record)
+            if self.record.sha256 and Path(location).resolve() == (entry / "artifact").resolve():
+                cache_dir = entry  # the artifact's own cache entry
+            else:  # a directory the cache does not hold (a local fallback, an unverified record): keyed by its digest
+                cache_dir = entry.parent / tree_sha256(location)
+        return accelerate.Plan(cache_dir, torch_threads=threads, lanes=lanes, max_length=model.max_length)
 
     def _require(self) -> _LoadedModel:
         if self._model is None:
@@ -323,7 +347,8 @@ class TextClassificationRunner(Runner):
             raise ArtifactError(str(path), f"transformers flavor for task {task!r}, not text-classification")
         model_dir = path / str(flavor.get("model_binary", "model"))
         if not model_dir.is_dir():
-            raise ArtifactError(str(path), f"transformers flavor without saved weights ({model_dir.name}/ missing; logged with save_pretrained=False?)")
+            raise ArtifactError(str(path), f"transformers flavor without saved weights ({model_dir.name}/ missing; "
+                                           "logged with save_pretrained=False?)")
         if "tokenizer" not in (flavor.get("components") or []):
             raise ArtifactError(str(path), "transformers flavor saved without its tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(path / "components" / "tokenizer")

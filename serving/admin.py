@@ -60,7 +60,7 @@ from registry.errors import GateRefused, ModelNotResolvable, RegistryError, Relo
 from registry.metrics import bound_request_endpoints
 from registry.redaction import redact, redact_text
 from registry.record import Selector
-from runners.host import ModelHost, declared_hosts, hosts_of
+from serving.host import ModelHost, declared_hosts, hosts_of
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 It resolves, loads beside, gates and swaps; announces on the reload bus and applies what other
 workers and replicas announce; heartbeats what it serves; follows the registry (see
-`runners.follow`); and keeps all of that running in background threads that survive any error.
+`serving.follow`); and keeps all of that running in background threads that survive any error.
 A service holds one host and asks it for the serving snapshot of each request.
 """
 
@@ -20,8 +20,8 @@ from registry.metrics import serve_models
 from registry.record import Resolution, Selector
 from registry.resolver import Resolver
 from registry.settings import RegistrySettings
-from runners.follow import Follower
-from runners.manager import ModelManager, ServedModel
+from serving.follow import Follower
+from serving.manager import ModelManager, ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class ModelHost:
 
     def check_configuration(self) -> None:
         """Read the settings and the gate sets as the workers will; raises SettingsError naming the variable."""
-        from runners.gate import PromotionGate
+        from serving.gate import PromotionGate
         from runners.kinds import runner_factory
 
         settings = self._config[0] or RegistrySettings.from_env()

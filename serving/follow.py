@@ -29,7 +29,7 @@ from registry.logs import FailureLog, log_fields
 from registry.webhook import verify_delivery
 
 if TYPE_CHECKING:
-    from runners.host import ModelHost
+    from serving.host import ModelHost
 
 logger = logging.getLogger(__name__)
 

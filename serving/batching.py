@@ -60,6 +60,15 @@ def forward_plan(lanes: Optional[int], torch_threads: Optional[int], *, workers:
     return lanes, torch_threads
 
 
+#: A lane about to start a pass on less than its even share of the outstanding texts, while another lane
+#: computes, first waits a little for the rest of its share: at most this fraction of a recent pass, and at
+#: most FILL_WAIT_MAX_S. In a closed loop the requests a finished pass answered come back a few at a time;
+#: taking the first of them alone makes a run of small passes (measured: a mean pass of 10.6 texts at 32
+#: clients where an even share is 16), and a small pass costs more per text than a full one.
+FILL_WAIT_FRACTION = 0.1
+FILL_WAIT_MAX_S = 0.02
+
+
 class MicroBatcher:
     """Groups concurrent requests into forward passes of at most `max_texts` texts, `lanes` passes at once.
 
@@ -80,6 +89,8 @@ class MicroBatcher:
         self._draining = 0  # lanes with a drain task
         self._tasks: set[asyncio.Task] = set()
         self._in_flight = 0  # cost of the texts inside forward passes
+        self._waiters: list[asyncio.Future] = []  # lanes waiting for their share to fill (woken by each arrival)
+        self._pass_s = 0.0  # recent seconds per forward pass (moving average)
         self.batches = 0
         self.texts = 0
 
@@ -87,6 +98,11 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         self._pending.append((texts, future, max(1, self._weigh(texts))))
+        if self._waiters:
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._waiters.clear()
         if self._draining < self.lanes:
             self._draining += 1
             task = loop.create_task(self._drain())
@@ -119,6 +135,31 @@ class MicroBatcher:
             size += batch[-1][2]
         return batch
 
+    def _short_of_share(self) -> bool:
+        """Whether another lane computes while fewer texts are queued than this lane's even share."""
+        if self.lanes == 1 or not self._in_flight:
+            return False
+        queued = sum(cost for _, _, cost in self._pending)
+        return queued < min(self.max_texts, -(-(queued + self._in_flight) // self.lanes))
+
+    async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait (briefly, see FILL_WAIT_FRACTION) while this lane's share is still arriving."""
+        cap = min(FILL_WAIT_MAX_S, FILL_WAIT_FRACTION * self._pass_s)
+        deadline = loop.time() + cap
+        while cap > 0 and self._short_of_share():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except asyncio.TimeoutError:
+                return
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -127,14 +168,17 @@ class MicroBatcher:
                     await asyncio.sleep(self.wait_s)
                     if not self._pending:
                         break
+                await self._fill(loop)
                 batch = [(t, f, c) for t, f, c in self._take() if not f.cancelled()]
                 if not batch:
                     continue
                 flat = [text for texts, _, _ in batch for text in texts]
                 cost = sum(c for _, _, c in batch)
                 self._in_flight += cost
+                started = loop.time()
                 try:
                     results = await loop.run_in_executor(self._executor, self._predict, flat)
+                    self._pass_s = 0.8 * self._pass_s + 0.2 * (loop.time() - started) if self._pass_s else loop.time() - started
                     if not isinstance(results, list) or len(results) != len(flat):
                         raise RuntimeError(f"the model answered {len(results) if isinstance(results, list) else type(results).__name__}"
                                            f" for {len(flat)} inputs")

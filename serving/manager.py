@@ -21,8 +21,8 @@ from registry.resolver import Resolver
 from registry.settings import RegistrySettings
 from registry.logs import FailureLog, log_fields
 from registry.metrics import metrics, serving_changed
-from runners.batching import MicroBatcher, forward_plan
-from runners.gate import PromotionGate
+from serving.batching import MicroBatcher, forward_plan
+from serving.gate import PromotionGate
 from runners import kinds
 from runners.kinds import ModelRunner
 
