@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c requirements.lock -e ".[test,bench]"
+	$(BIN)/pip install -q -c requirements.lock -e ".[test,bench,accelerate]"
 	touch $(STAMP)
 
 test: setup

@@ -8,11 +8,14 @@ Subjects serving the same registered demo model (version 1):
   threads 1 and 2 (2 threads is the machine's width; taking the best can only raise the ceiling),
   and the service's scheme on two forward lanes (two Python threads of one torch thread each);
 - the service, `bentoml serve` with its defaults (one worker; forward and torch threads `auto`: on
-  2 cores, two forward lanes of one torch thread), the same with `REGISTRY_ACCELERATE=int8`, with
+  2 cores, two forward lanes of one torch thread), the same with each `REGISTRY_ACCELERATE` value
+  (int8, onnx, onnx-int8, openvino, openvino-int8; parity on the demo's gate set), with
   `REGISTRY_WORKERS=2`, and with one lane of one torch thread (the default before lanes);
-- peers: `mlflow models serve --env-manager local` of `models:/security_prompt_injection/1`, its
-  defaults; a plain BentoML `@bentoml.api(batchable=True)` service (bench/peer_bentoml.py); MLServer
-  1.7 with its Hugging Face runtime and adaptive batching (bench/peers.py, its own venv).
+- peers, each in every configuration and compared at its best: `mlflow models serve --env-manager
+  local` of `models:/security_prompt_injection/1`, its defaults; a plain BentoML
+  `@bentoml.api(batchable=True)` service (bench/peer_bentoml.py) at 1 and 2 torch threads; MLServer
+  1.7 with its Hugging Face runtime and adaptive batching (bench/peers.py, its own venv, built when
+  missing) at 1 and 2 intra-op threads x parallel_workers 0, 1 and 2.
 Each request classifies one text of the mix, so requests/s and texts/s are the same number. All
 servers are up together and the load levels interleave them (per level, each subject in turn).
 At the end, one profiled run (py-spy, 32 clients) says where the service's CPU time goes.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import httpx
@@ -31,9 +35,15 @@ from bench.demo_model import text_mix
 from bench.lab import Lab, get_json, rss_mib
 from bench.load import LoadResult, run_load
 from bench.report import AreaReport
-from registry.settings import RegistrySettings
+from registry.settings import ACCELERATIONS, RegistrySettings
 
 LEVELS = (1, 8, 32)
+#: Seconds a service may take to be ready (an acceleration converts once, then checks parity on the gate set).
+READY_TIMEOUT = 600.0
+#: Every REGISTRY_ACCELERATE value, each a service of its own.
+ACCELERATED = ACCELERATIONS
+#: The demo's gate set (held-out texts): the services' accelerations check parity on it.
+GATE_PATH = Path(__file__).resolve().parent.parent / "training" / "data" / "gate_prompt_injection.jsonl"
 RAW_BATCHES = (1, 8, 16, 32)
 RAW_THREADS = (1, 2)
 #: Python threads running forward passes at once over one model, as the service's forward lanes do on 2 cores.
@@ -52,7 +62,7 @@ class RawModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from bench.peers import artifact_dirs
-        from runners.runner import _max_length
+        from runners.text import _max_length
 
         model_dir, tokenizer_dir = artifact_dirs(lab)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -72,7 +82,7 @@ class RawModel:
         """The service's scheme with nothing around it: tokenize once, length groups of at most `group`, pad per group."""
         import torch
 
-        from runners.runner import length_groups
+        from runners.text import length_groups
 
         features = self.tokenizer(texts, truncation=True, max_length=self.max_length)
         out: list[str] = [""] * len(texts)
@@ -119,7 +129,9 @@ def raw_ceiling(raw: RawModel, texts: list[str], seconds: float, trials: int, co
                 done, batch_times = [0] * lanes, []
                 start = time.perf_counter()
 
-                def lane(k: int) -> None:
+                # The lanes run (and are joined) within this iteration: binding its variables as defaults says so.
+                def lane(k: int, start: float = start, batch: int = batch, source: list[str] = source, run_batch: Any = run_batch,
+                         batch_times: list[float] = batch_times, done: list[int] = done) -> None:
                     i = k * 7  # lanes start at different places in the mix
                     while time.perf_counter() - start < seconds:
                         lo = (i * batch) % len(source)
@@ -199,7 +211,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
     demo = lab.demo()
     texts = text_mix()
 
-    # --quick: the configurations that won before, and no peers but mlflow (each start costs 20-40 s here).
+    # --quick: the raw configurations that won before; the same subjects and peers as a full run, shorter levels.
     quick_configs = [(1, 8, "mixed", 1), (1, 8, "sorted", 1), (1, SERVICE_WINDOW, "grouped", 1), (2, SERVICE_WINDOW, "grouped", 1),
                      (1, SERVICE_WINDOW // RAW_LANES, "grouped", RAW_LANES)]
     raw_model = RawModel(lab)
@@ -216,69 +228,71 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         return fn(), time.perf_counter() - t0
 
     skipped: dict[str, str] = {}
-    starts: dict[str, Any] = {"bentoml-batchable": lambda: peer_mod.bentoml_batchable(lab), "mlserver": lambda: peer_mod.mlserver(lab)}
-    if quick:
-        skipped.update({name: "full runs only (--quick skips it)" for name in starts})
-        starts = {}
-    elif missing := peer_mod.mlserver_missing():
-        lab.say(f"[bench] {missing}: building it now (pip, a few minutes, once)")
-        try:
-            peer_mod.build_mlserver()
-        except Exception as exc:  # no package index: MLServer is reported as not measured, the rest still runs
-            skipped["mlserver"] = f"building its environment failed: {type(exc).__name__}: {str(exc)[-300:]}"
-            del starts["mlserver"]
-    with ThreadPoolExecutor(max_workers=3 + len(starts)) as pool:
-        f_svc = pool.submit(lab.service)
-        f_int8 = pool.submit(lab.service, REGISTRY_ACCELERATE="int8")
-        f_svc2 = pool.submit(lab.service, workers=2)  # both cores, one torch thread each
-        f_lane1 = pool.submit(lab.service, REGISTRY_FORWARD_THREADS="1", REGISTRY_TORCH_THREADS="1")  # the former default
+    # Peers in every configuration (bench/peers.py), quick or full: the comparison is with each peer's best.
+    starts: dict[str, Any] = {peer_mod.config_name("bentoml-batchable", cfg): (lambda cfg=cfg: peer_mod.bentoml_batchable(lab, **cfg))
+                              for cfg in peer_mod.BENTOML_CONFIGS}
+    why_not = peer_mod.ensure_mlserver(lab.say)
+    for cfg in peer_mod.MLSERVER_CONFIGS:
+        name = peer_mod.config_name("mlserver", cfg)
+        if why_not:
+            skipped[name] = why_not
+        else:
+            starts[name] = lambda cfg=cfg: peer_mod.mlserver(lab, **cfg)
+    gate = json.dumps({demo.name: {"path": str(GATE_PATH), "min_accuracy": 0.0}})  # parity of the accelerations on the gate set
+    variants: dict[str, dict[str, Any]] = {
+        "service": {},
+        **{f"service-{kind}": {"REGISTRY_ACCELERATE": kind} for kind in ACCELERATED},
+        "service-2-workers": {"workers": 2},  # both cores, one torch thread each
+        "service-1-lane": {"REGISTRY_FORWARD_THREADS": "1", "REGISTRY_TORCH_THREADS": "1"},  # the former default
+    }
+    # Two waves (the services and mlflow, then the peers): 17 servers loading at once on 2 cores would each wait minutes.
+    with ThreadPoolExecutor(max_workers=len(variants) + 1 + len(starts)) as pool:
+        f_services = {name: pool.submit(lab.service, REGISTRY_GATE=gate, ready_timeout=READY_TIMEOUT, **env)
+                      for name, env in variants.items()}
         f_mls = pool.submit(timed, lab.mlflow_models_serve)
+        services: dict[str, Any] = {}
+        ready_times: dict[str, float] = {}
+        for name, fut in f_services.items():
+            services[name], ready_times[name] = fut.result()
+        mls, mls_start_s = f_mls.result()
         f_peers = {name: pool.submit(start) for name, start in starts.items()}
-        (svc, ready_s), (int8, int8_ready_s), (mls, mls_start_s) = f_svc.result(), f_int8.result(), f_mls.result()
-        svc2, _ = f_svc2.result()
-        lane1, _ = f_lane1.result()
         peers: dict[str, Any] = {}
         for name, fut in f_peers.items():
             try:
                 peers[name] = fut.result()
             except Exception as exc:  # a peer that does not start is reported, the rest is still measured
                 skipped[name] = f"{type(exc).__name__}: {str(exc)[-800:]}"
+    svc, ready_s = services["service"], ready_times["service"]
     subjects: dict[str, tuple[str, str, list[bytes]]] = {}  # name -> (url, path, bodies)
     results: dict[str, dict[int, LoadResult]] = {}
-    mean_batch: dict[str, dict[int, Optional[float]]] = {"service": {}, "service-int8": {}}
+    mean_batch: dict[str, dict[int, Optional[float]]] = {name: {} for name in services}
     loadavg: dict[str, float] = {}
     labels: dict[str, list[str]] = {}
     rss: dict[str, Optional[float]] = {}
     profile: dict[str, Any] = {}
+    execution: dict[str, str] = {}
+    runner_info: dict[str, Any] = {}
     try:
-        answer = svc.classify(texts).json()
-        labels["service"] = [p["label"] for p in answer["predictions"]]
-        served_version = answer["model"]["version"]
-        answer8 = int8.classify(texts).json()
-        labels["service-int8"] = [p["label"] for p in answer8["predictions"]]
-        int8_execution = answer8["model"].get("execution", "eager")
-        int8_runner = get_json(int8.client, "/models")["models"][demo.name].get("runner", {})
+        service_bodies = [json.dumps({"texts": [t]}).encode() for t in texts]
+        for name, proc in services.items():
+            answer = proc.classify(texts).json()
+            labels[name] = [p["label"] for p in answer["predictions"]]
+            execution[name] = answer["model"].get("execution", "eager")
+            runner_info[name] = get_json(proc.client, "/models")["models"][demo.name].get("runner", {})
+            subjects[name] = (proc.url, "/classify", service_bodies)
+        served_version = svc.classify(texts[:1]).json()["model"]["version"]
         first = httpx.post(mls.url + "/invocations", json={"inputs": texts}, timeout=120)
         first.raise_for_status()
         labels["mlflow"] = [p["label"] for p in first.json()["predictions"]]
-        for name, peer in peers.items():
-            labels[name] = peer.labels(texts)
-        service_bodies = [json.dumps({"texts": [t]}).encode() for t in texts]
-        subjects["service"] = (svc.url, "/classify", service_bodies)
-        subjects["service-int8"] = (int8.url, "/classify", service_bodies)
-        subjects["service-2-workers"] = (svc2.url, "/classify", service_bodies)
-        labels["service-2-workers"] = [p["label"] for p in svc2.classify(texts).json()["predictions"]]
-        subjects["service-1-lane"] = (lane1.url, "/classify", service_bodies)
-        labels["service-1-lane"] = [p["label"] for p in lane1.classify(texts).json()["predictions"]]
         subjects["mlflow"] = (mls.url, "/invocations", [json.dumps({"inputs": [t]}).encode() for t in texts])
         for name, peer in peers.items():
+            labels[name] = peer.labels(texts)
             subjects[name] = (peer.url, peer.path, [peer.body(t) for t in texts])
         for c in LEVELS:
             for name, (url, path, bodies) in subjects.items():
                 loadavg[f"{name}_{c}"] = os.getloadavg()[0]
-                if name in mean_batch:
-                    proc = svc if name == "service" else int8
-                    levels, batches = service_levels(proc, demo.name, bodies, duration, warmup, levels=(c,))
+                if name in services and name != "service-2-workers":  # /models counts one worker's batches only
+                    levels, batches = service_levels(services[name], demo.name, bodies, duration, warmup, levels=(c,))
                     results.setdefault(name, {})[c], mean_batch[name][c] = levels[c], batches[c]
                 else:
                     results.setdefault(name, {})[c] = run_load(url, path, bodies, c, duration, warmup)
@@ -286,13 +300,14 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         # and a ceiling measured only before the servers started could be lower than what the service then reached.
         top = sorted(runs.values(), key=lambda r: r["texts_per_s"], reverse=True)[:3]
         raw_ceiling(raw_model, texts, raw_s, 1, configs=[(r["threads"], r["batch"], r["mode"], r["lanes"]) for r in top], results=runs)
-        for name, proc in (("service", svc.proc), ("service-int8", int8.proc), ("service-2-workers", svc2.proc),
-                           ("service-1-lane", lane1.proc), ("mlflow", mls.proc),
+        for name, proc in (*((n, p.proc) for n, p in services.items()), ("mlflow", mls.proc),
                            *((n, p.server.proc) for n, p in peers.items())):
             rss[name] = rss_mib(proc.pid) if proc else None
+        for name, proc in services.items():  # again: the counters since load (rows rerun near a tie)
+            runner_info[name] = get_json(proc.client, "/models")["models"][demo.name].get("runner", {})
         profile = profile_service(svc, service_bodies, 32, profile_s)
     finally:
-        for server in (svc, int8, svc2, lane1, mls, *peers.values()):
+        for server in (*services.values(), mls, *peers.values()):
             server.stop()
 
     ceiling, raw_2t, raw_1t = best(runs), best(runs, 2, lanes=1), best(runs, 1, lanes=1)
@@ -334,28 +349,53 @@ def run(lab: Lab, quick: bool) -> AreaReport:
     report.add("service vs one forward lane of one torch thread (the former default), 32 clients", s32.rps, "req/s",
                "REGISTRY_FORWARD_THREADS=1, REGISTRY_TORCH_THREADS=1", one.rps, key="svc_vs_one_lane_32",
                note=f"one lane: p50 {one.p50_ms or 0:.0f} ms, p99 {one.p99_ms or 0:.0f} ms, non-200 {one.bad}")
-    for c in LEVELS:
-        a = results["service-int8"][c]
-        report.add(f"REGISTRY_ACCELERATE=int8 throughput, {c} clients", a.rps, "req/s", "service, eager", service[c].rps,
-                   key=f"accel_vs_eager_{c}", note=f"execution {int8_execution}; p50 {a.p50_ms or 0:.0f} ms, p99 {a.p99_ms or 0:.0f} ms; "
-                                                  f"mean batch {mean_batch['service-int8'][c]}")
-    report.add("REGISTRY_ACCELERATE=int8 non-200 + errors, 32 clients", float(results["service-int8"][32].bad), "count",
-               key="accel_bad_32")
-    mismatch = sum(a != b for a, b in zip(labels["service-int8"], labels["service"], strict=True))
-    report.add("REGISTRY_ACCELERATE=int8 labels differing from eager (56-text mix)", float(mismatch), "count", key="accel_label_mismatches",
-               note=f"runner: execution {int8_runner.get('execution')}, accelerate {int8_runner.get('accelerate')}")
+    for kind in ACCELERATED:
+        name = f"service-{kind}"
+        key = "accel" if kind == "int8" else f"accel_{kind.replace('-', '_')}"  # int8 keeps the keys of earlier runs
+        info = runner_info.get(name, {}).get("accelerate") or {}
+        for c in LEVELS:
+            a = results[name][c]
+            report.add(f"REGISTRY_ACCELERATE={kind} throughput, {c} clients", a.rps, "req/s", "service, eager", service[c].rps,
+                       key=f"{key}_vs_eager_{c}", note=f"execution {execution[name]}; p50 {a.p50_ms or 0:.0f} ms, p99 {a.p99_ms or 0:.0f} ms; "
+                                                      f"mean batch {mean_batch[name][c]}")
+        report.add(f"REGISTRY_ACCELERATE={kind} non-200 + errors, 32 clients", float(results[name][32].bad), "count", key=f"{key}_bad_32")
+        mismatch = sum(a != b for a, b in zip(labels[name], labels["service"], strict=True))
+        parity = info.get("parity") or {}
+        report.add(f"REGISTRY_ACCELERATE={kind} labels differing from eager (56-text mix)", float(mismatch), "count",
+                   key=f"{key}_label_mismatches",
+                   note=f"execution {execution[name]}; " + (f"refused: {info['refused']}" if "refused" in info else
+                        f"parity on the {parity.get('source')}: {parity.get('label_mismatches')} labels differ, "
+                        f"max probability difference {parity.get('max_diff')}; {parity.get('engine')}")
+                   + (f"; rows near a tie rerun in f32 (since load): {runner_info[name]['near_tie']}" if runner_info.get(name, {}).get("near_tie")
+                      else ""))
+    serving = [k for k in ACCELERATED if execution.get(f"service-{k}") == k]
+    if serving:
+        top_kind = max(serving, key=lambda k: results[f"service-{k}"][32].rps)
+        t = results[f"service-{top_kind}"][32]
+        report.add("fastest acceleration vs eager, 32 clients", t.rps, "req/s", "service, eager", s32.rps, key="accel_best_vs_eager_32",
+                   note=f"REGISTRY_ACCELERATE={top_kind}; " + ", ".join(f"{k} {results[f'service-{k}'][32].rps / s32.rps:.2f}x"
+                                                                       for k in ACCELERATED))
+        gate_mismatch = (runner_info[f"service-{top_kind}"].get("accelerate") or {}).get("parity", {}).get("label_mismatches")
+        mix_mismatch = sum(a != b for a, b in zip(labels[f"service-{top_kind}"], labels["service"], strict=True))
+        report.add("fastest acceleration: labels differing from eager, gate set + 56-text mix", float((gate_mismatch or 0) + mix_mismatch),
+                   "count", key="accel_best_label_mismatches", note=f"{top_kind}: gate set {gate_mismatch}, mix {mix_mismatch}")
     report.add("service vs mlflow models serve, 32 clients", s32.rps, "req/s", "mlflow models serve", mlflow[32].rps, key="svc_vs_mlflow_32")
-    for name, key in (("bentoml-batchable", "svc_vs_bentoml_batchable_32"), ("mlserver", "svc_vs_mlserver_32")):
-        if name in results:
-            peer_best = max(results[name].values(), key=lambda r: r.rps)
-            label = "plain BentoML batchable at 32 clients" if name == "bentoml-batchable" else "MLServer, best of 1/8/32 clients"
-            base = results[name][32].rps if name == "bentoml-batchable" else peer_best.rps
-            report.add(f"service vs {name}, 32 clients", s32.rps, "req/s", label, base, key=key,
-                       note=f"{name}: " + ", ".join(f"{c} clients {r.rps:.1f} req/s p99 {r.p99_ms or 0:.0f} ms bad {r.bad}"
-                                                    for c, r in results[name].items()))
+    peer_best: dict[str, dict[str, Any]] = {}
+    for family, key in (("bentoml-batchable", "svc_vs_bentoml_batchable_32"), ("mlserver", "svc_vs_mlserver_32")):
+        configs = {name: levels for name, levels in results.items() if name.startswith(family + "-")}
+        if configs:
+            name, c = max(((n, c) for n, levels in configs.items() for c in levels), key=lambda nc: configs[nc[0]][nc[1]].rps)
+            top = configs[name][c]
+            peer_best[family] = {"config": name, "clients": c, "rps": top.rps}
+            report.add(f"service vs {family} at its best, 32 clients", s32.rps, "req/s",
+                       f"{family}: best of {len(configs)} configurations x 1/8/32 clients", top.rps, key=key,
+                       note=f"best: {name} at {c} clients; every configuration: " + "; ".join(
+                           f"{n} " + "/".join(f"{r.rps:.1f}" for r in levels.values()) + " req/s at 1/8/32"
+                           for n, levels in configs.items())
+                           + "".join(f"; {n} not measured: {why}" for n, why in skipped.items() if n.startswith(family)))
         else:
-            report.add(f"service vs {name}, 32 clients", s32.rps, "req/s", f"{name} (not measured)", None, key=key,
-                       note=f"not measured: {skipped.get(name)}")
+            report.add(f"service vs {family} at its best, 32 clients", s32.rps, "req/s", f"{family} (not measured)", None, key=key,
+                       note="not measured: " + "; ".join(f"{n}: {why}" for n, why in skipped.items() if n.startswith(family)))
     for name, fig in (profile.get("shares") or {}).items():
         report.add(f"profile, 32 clients: {name} share of service CPU samples", fig, "x", key=f"profile_{name}")
 
@@ -373,7 +413,8 @@ def run(lab: Lab, quick: bool) -> AreaReport:
                         f"raw: best of {trials} x {raw_s:.1f} s per configuration, the top 3 measured once more after the levels")
     report.notes.append("load generator CPU (s per s): " + "; ".join(
         f"{name} " + "/".join(str(r.client_cpu) for r in levels.values()) for name, levels in results.items()))
-    report.notes.append(f"service ready in {ready_s:.1f} s (int8: {int8_ready_s:.1f} s); mlflow models serve up in {mls_start_s:.1f} s")
+    report.notes.append("ready in: " + ", ".join(f"{n} {t:.1f} s" for n, t in ready_times.items())
+                        + f"; mlflow models serve up in {mls_start_s:.1f} s")
     if profile:
         report.notes.append(f"profile: {profile.get('summary')}")
     report.detail = {
@@ -386,7 +427,11 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         "mean_batch": mean_batch,
         "rss_mib": rss,
         "labels_agree_with_service": agree,
-        "int8_runner": int8_runner,
+        "int8_runner": runner_info.get("service-int8"),
+        "runners": runner_info,
+        "execution": execution,
+        "peer_best": peer_best,
+        "service_ready_s_all": {n: round(t, 2) for n, t in ready_times.items()},
         "skipped": skipped,
         "profile": profile,
         "loadavg_at_level_start": loadavg,

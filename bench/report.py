@@ -220,3 +220,72 @@ def render(report: AreaReport) -> str:
     if report.error:
         out.append(f"  !! area failed: {report.error}")
     return "\n".join(out)
+
+
+# -- the README's hot-path table ----------------------------------------------------------------
+
+#: How the README names each hot-path subject (bench/hotpath.py); others keep their own name.
+SUBJECT_LABELS = {
+    "service": "the service (defaults: 2 forward lanes × 1 torch thread), eager",
+    "service-int8": "service, `REGISTRY_ACCELERATE=int8` (torch dynamic quantization)",
+    "service-onnx": "service, `REGISTRY_ACCELERATE=onnx` (ONNX Runtime, fused graph)",
+    "service-onnx-int8": "service, `REGISTRY_ACCELERATE=onnx-int8` (ONNX Runtime, fused, int8 weights)",
+    "service-openvino": "service, `REGISTRY_ACCELERATE=openvino` (OpenVINO CPU, f32)",
+    "service-openvino-int8": "service, `REGISTRY_ACCELERATE=openvino-int8` (OpenVINO CPU, int8 weights)",
+    "service-2-workers": "service, `REGISTRY_WORKERS=2` (1 lane each)",
+    "service-1-lane": "service, one lane of one torch thread (the default before lanes)",
+    "mlflow": "`mlflow models serve`",
+}
+
+
+def _peer_label(name: str) -> str:
+    family, _, rest = name.partition("-t")
+    if family == "bentoml-batchable":
+        return f"plain BentoML `batchable=True`, {rest} torch thread(s)"
+    if family == "mlserver":
+        threads, _, workers = rest.partition("-w")
+        return f"MLServer 1.7.1 HF runtime, {threads} thread(s), parallel_workers {workers}"
+    return name
+
+
+def hotpath_markdown(results: dict[str, Any], full: bool = False) -> str:
+    """The README's hot-path table from a results file: the eager service, each acceleration, `mlflow models
+    serve` and each peer at its best configuration (`full`: every subject and configuration), with req/s at
+    1/8/32 clients, p50/p99 at 32 and the ratio to the eager service at 32 clients, all from that one run."""
+    detail = results["areas"]["hotpath"]["detail"]
+    subjects: dict[str, dict[str, Any]] = detail["subjects"]
+    execution = detail.get("execution") or {}
+    peer_best = detail.get("peer_best") or {}
+    best = {v["config"]: family for family, v in peer_best.items()}
+
+    def level(levels: dict[Any, Any], c: int) -> dict[str, Any]:
+        return levels.get(str(c), levels.get(c, {}))
+
+    eager32 = level(subjects["service"], 32)["rps"]
+    shown = [n for n in subjects if full or n in best or n in ("service", "mlflow") or n.startswith("service-") and n not in (
+        "service-2-workers", "service-1-lane")]
+    lines = ["| subject | req/s at 1 / 8 / 32 clients | p50 / p99 at 32 clients | vs the eager service at 32 |", "|---|---|---|---|"]
+    for name in shown:
+        rows = [level(subjects[name], c) for c in (1, 8, 32)]
+        label = SUBJECT_LABELS.get(name) or _peer_label(name)
+        if name in best:
+            top = peer_best[best[name]]
+            label += (", its best configuration" if full else f", its best of {sum(n.startswith(best[name] + '-') for n in subjects)} configurations"
+                      ) + f" ({top['rps']:.0f} req/s at {top['clients']} clients)"
+        kind = name.removeprefix("service-")
+        if name.startswith("service-") and kind != execution.get(name, kind) and execution.get(name) == "eager":
+            label += " — refused at load (parity), eager served"
+        lines.append(f"| {label} | " + " / ".join(f"{r.get('rps', 0):.0f}" for r in rows)
+                     + f" | {rows[2].get('p50_ms') or 0:,.0f} / {rows[2].get('p99_ms') or 0:,.0f} ms | {rows[2].get('rps', 0) / eager32:.2f}× |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    from pathlib import Path
+
+    # python -m bench.report [--full] [results.json]: the README's hot-path table (Markdown) of that run
+    args = [a for a in sys.argv[1:] if a != "--full"]
+    path = Path(args[0]) if args else Path(__file__).resolve().parent / "results.json"
+    print(hotpath_markdown(json.loads(path.read_text()), full="--full" in sys.argv))
