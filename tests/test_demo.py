@@ -291,3 +291,22 @@ def test_main_requires_a_tracking_uri(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as exc:
         demo.main(["--if-missing"])
     assert exc.value.code == 2
+
+
+def test_save_dir_writes_what_registry_publish_takes(monkeypatch, tmp_path, capsys):
+    """`--save-dir`: the trained model and tokenizer as a save_pretrained folder, no MLflow needed; publish loads it."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    model, tokenizer = tiny_classifier(seed=3)
+    metrics = {"accuracy": 0.9, "precision": 0.9, "recall": 0.9, "f1": 0.9}
+    monkeypatch.setattr(demo, "train", lambda config: demo.TrainingResult(model, tokenizer, metrics, {}))
+    target = tmp_path / "my-model"
+    assert demo.main(["--save-dir", str(target)]) == 0
+    assert f"registry publish prompt_injection --model-dir {target} --metric f1=0.900" in capsys.readouterr().out
+    loaded = AutoModelForSequenceClassification.from_pretrained(target)
+    assert loaded.config.id2label == {0: "SAFE", 1: "INJECTION"}
+    assert AutoTokenizer.from_pretrained(target)("hello")["input_ids"]
+    with pytest.raises(SystemExit) as exc:  # never over a folder that holds something
+        demo.main(["--save-dir", str(target)])
+    assert exc.value.code == 2

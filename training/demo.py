@@ -343,6 +343,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, default=TrainingConfig.epochs)
     parser.add_argument("--seed", type=int, default=TrainingConfig.seed)
     parser.add_argument("--flavor", choices=FLAVORS, default="transformers")
+    parser.add_argument("--save-dir", type=Path, default=None, metavar="DIR",
+                        help="only train, and save the model and tokenizer into DIR (a save_pretrained folder, what "
+                             "`registry publish --model-dir` takes); nothing is published, no MLflow needed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
@@ -350,6 +353,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         settings = RegistrySettings.from_env()
     except SettingsError as exc:
         parser.error(str(exc))
+    if args.save_dir is not None:
+        if args.save_dir.exists() and any(args.save_dir.iterdir()):
+            parser.error(f"--save-dir {args.save_dir} is not empty")
+        _quiet_transformers()
+        started = time.perf_counter()
+        result = train(TrainingConfig(epochs=args.epochs, seed=args.seed))
+        result.model.save_pretrained(args.save_dir)
+        result.tokenizer.save_pretrained(args.save_dir)
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items() if k in ("f1", "precision", "recall", "accuracy"))
+        print(f"saved the demo model into {args.save_dir} ({shown}); trained in {time.perf_counter() - started:.0f} s; "
+              f"publish it with: registry publish {args.name} --model-dir {args.save_dir} --metric f1={result.metrics.get('f1', 0):.3f}")
+        return 0
     if not settings.mlflow_tracking_uri:
         parser.error("MLFLOW_TRACKING_URI is not set: there is no registry to publish the demo model to")
 
