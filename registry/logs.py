@@ -33,7 +33,7 @@ from typing import Any, Optional
 from registry.redaction import RedactingFilter, install_log_redaction
 
 #: The loggers of this project; BentoML's own handlers pass WARNING and up from other loggers.
-LOGGERS = ("service", "registry", "runners", "training")
+LOGGERS = ("service", "registry", "runners", "serving", "training")
 _TAG_RE = re.compile(r"^\[(HYBRID|CACHE|MLFLOW|FALLBACK)\]\s*")
 
 

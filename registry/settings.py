@@ -197,7 +197,7 @@ class RegistrySettings(BaseSettings):
     """Seconds between start-up resolution attempts while a model cannot be loaded, and between revalidations of stale records."""
 
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
-    """Level of the service's own loggers (registry, runners, service)."""
+    """Level of the service's own loggers (service, registry, runners, serving, training)."""
 
     log_format: str = Field("text", pattern="^(text|json)$")
     """`text` (default) or `json`: one JSON object per line with time, level, logger, tag, model, version, layer, message."""

@@ -188,3 +188,13 @@ def test_a_log_record_says_its_logger_layer_and_tag():
     assert (line["layer"], line["tag"], line["model"], line["version"]) == ("mlflow", "HYBRID", "m", "2")
     cache = logging.LogRecord("runners.artifacts", logging.INFO, __file__, 1, "[CACHE] hit", (), None)
     assert json.loads(JSONFormatter().format(cache))["layer"] == "redis"
+
+
+def test_every_package_of_the_service_logs_at_the_configured_level():
+    """REGISTRY_LOG_LEVEL reaches every package the service runs (BentoML passes only WARNING and up from
+    loggers nobody configured: a package missing here loses its INFO lines: swaps, rollouts, refusals)."""
+    from registry.logs import LOGGERS
+
+    repo = Path(__file__).resolve().parent.parent
+    packages = {p.parent.name for p in repo.glob("*/__init__.py")} - {"tests", "bench", "examples", "docs"}
+    assert packages | {"service"} <= set(LOGGERS), sorted(packages - set(LOGGERS))
