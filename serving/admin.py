@@ -47,7 +47,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -260,21 +260,22 @@ def admin_app() -> FastAPI:
     # /metrics labels requests by path: only the routes this service has, any other path is `other`.
     bound_request_endpoints(ADMIN_ROUTES)
 
-    @app.get("/models")
-    def models(request: Request) -> JSONResponse:
-        detail = _detail(request, "/models")
+    def view(request: Request, path: str, collect: Callable[[ModelHost], dict[str, Any]],
+             summarize: Callable[[dict[str, Any]], dict[str, Any]]) -> JSONResponse:
+        """The operator's detail with the admin token (or REGISTRY_HEALTH_DETAIL=open), else the summary."""
+        detail = _detail(request, path)
         if isinstance(detail, JSONResponse):
             return detail
-        full = _merged(h.models() for h in _hosts())
-        return answer({**full, "view": "full"} if detail else models_summary(full))
+        full = _merged(collect(h) for h in _hosts())
+        return answer({**full, "view": "full"} if detail else summarize(full))
+
+    @app.get("/models")
+    def models(request: Request) -> JSONResponse:
+        return view(request, "/models", ModelHost.models, models_summary)
 
     @app.get("/registry/health")
     def registry_health(request: Request) -> JSONResponse:
-        detail = _detail(request, "/registry/health")
-        if isinstance(detail, JSONResponse):
-            return detail
-        full = _merged(h.health() for h in _hosts())
-        return answer({**full, "view": "full"} if detail else health_summary(full))
+        return view(request, "/registry/health", ModelHost.health, health_summary)
 
     @app.post("/registry/webhook")
     async def registry_webhook(request: Request) -> JSONResponse:
