@@ -69,6 +69,9 @@ TARGETS = (
            lambda r: r >= 0.97),
     Target("zero non-200 answers (or errors) at 32 clients, windows and truncate, short and mixed traffic", "robustness", "bad_32",
            lambda v: v == 0, "value"),
+    # issue 19: long texts at the model's own speed
+    Target("mixed-length traffic at 32 clients, windows, >= 0.9 x the raw model on the same windows (characters/s)", "robustness",
+           "mixed_chars_vs_raw_windows", lambda r: r >= 0.9),
 )
 
 #: Variables of the user's shell that would leak into the measured configuration.

@@ -94,6 +94,15 @@ class RawModel:
                 out[i] = self.labels[j]
         return out
 
+    def predict_inputs(self, inputs: list[list[int]]) -> list[int]:
+        """Forward over model inputs already cut (token ids, special tokens included), padded to the longest: class indices."""
+        import torch
+
+        batch = self.tokenizer.pad({"input_ids": inputs, "attention_mask": [[1] * len(ids) for ids in inputs]},
+                                   return_tensors="pt")
+        with torch.inference_mode():
+            return self.model(**batch).logits.argmax(dim=-1).tolist()
+
 
 def raw_ceiling(raw: RawModel, texts: list[str], seconds: float, trials: int, configs: Optional[list[Config]] = None,
                 results: Optional[dict[str, Any]] = None) -> dict[str, Any]:

@@ -16,6 +16,12 @@ bench/demo_model.py):
   is the cost of the windows code path alone) and mixed-length traffic (the same mix plus one long
   held-out text in five: windows mode reads all of each long text, truncate only its first window).
   The traffic kinds and modes are interleaved, round by round.
+- long texts at the model's own speed: the mixed-length traffic in characters/s, the windows
+  service beside the raw model (the artifact with plain transformers, bench/hotpath.py's RawModel)
+  running the very windows the service reads (cut by the service's reading, as `/models` names it),
+  in length-sorted batches of 8-32 at 1 and 2 torch threads and on 2 lanes of one thread, best of
+  all: what fraction of the machine's window throughput the service turns into whole-text answers.
+  Measured after the services stop, so that nothing else runs beside it.
 """
 
 from __future__ import annotations
@@ -27,13 +33,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from bench.demo_model import text_mix
-from bench.lab import Lab
+from bench.lab import Lab, get_json
 from bench.load import LoadResult, run_load
 from bench.report import AreaReport
 
 MODES = ("windows", "truncate", "head_tail")
 CLIENTS = 32
 LONG_SHARE = 0.2  # of the mixed traffic's requests
+#: The raw model over the mixed traffic's windows: (torch threads, batch, lanes), length-sorted batches.
+#: The windows service on one forward lane of two torch threads (REGISTRY_FORWARD_THREADS=1, REGISTRY_TORCH_THREADS=2).
+WIDE = "windows-1-lane-2-threads"
+RAW_WINDOW_CONFIGS = [(t, b, 1) for t in (1, 2) for b in (8, 16, 32)] + [(1, 16, 2)]
 
 
 def accuracy_by_length(lab: Lab, per_bucket: Optional[int]) -> dict[str, Any]:
@@ -105,27 +115,98 @@ def traffic(lab: Lab, window: int) -> tuple[list[str], list[str], dict[str, Any]
     return short, mixed, info
 
 
+def raw_windows(lab: Lab, texts: list[str], reading: dict[str, Any], seconds: float, trials: int) -> dict[str, Any]:
+    """texts/s and characters/s of the raw model over the windows `reading` cuts from `texts`, per configuration, best of `trials`.
+
+    The windows are cut as the service cuts them (runners/windows.py, with the window and stride
+    `/models` reported) and run as a steady stream of length-sorted batches, passing over the whole
+    set again and again: a configuration's texts/s is its windows/s times texts per window.
+    """
+    import threading
+
+    import torch
+
+    from bench.hotpath import RawModel
+    from runners.windows import reading_for
+
+    raw = RawModel(lab)
+    labels = [raw.labels[i] for i in range(len(raw.labels))]
+    cut = reading_for(lab.demo().settings(long_text="windows", window_tokens=reading["window"], window_stride=reading["stride"]),
+                      raw.tokenizer, raw.max_length, labels)
+    inputs: list[list[int]] = []
+    for i, text in enumerate(texts):
+        encoded = raw.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        pieces, _ = cut.cut(i, encoded["input_ids"], encoded["offset_mapping"])
+        inputs += [cut.model_input(p) for p in pieces]
+    inputs.sort(key=len)
+    per_window = len(texts) / len(inputs)
+    chars_per_text = sum(map(len, texts)) / len(texts)
+    previous = torch.get_num_threads()
+    runs: dict[str, dict[str, Any]] = {}
+    try:
+        for _ in range(trials):
+            for threads, batch, lanes in RAW_WINDOW_CONFIGS:
+                torch.set_num_threads(threads)
+                batches = [inputs[k:k + batch] for k in range(0, len(inputs), batch)]
+                raw.predict_inputs(batches[-1])  # warm the longest shape
+                done = [0] * lanes
+                start = time.perf_counter()
+
+                def lane(k: int, start: float = start, batches: list[list[list[int]]] = batches, done: list[int] = done,
+                         lanes: int = lanes) -> None:
+                    i = k * len(batches) // lanes  # lanes start at different places in the set
+                    while time.perf_counter() - start < seconds:
+                        chunk = batches[i % len(batches)]
+                        raw.predict_inputs(chunk)
+                        done[k] += len(chunk)
+                        i += 1
+
+                workers = [threading.Thread(target=lane, args=(k,)) for k in range(1, lanes)]
+                for worker in workers:
+                    worker.start()
+                lane(0)
+                for worker in workers:
+                    worker.join()
+                windows_s = sum(done) / (time.perf_counter() - start)
+                row = runs.setdefault(f"threads={threads},batch={batch},sorted" + ("" if lanes == 1 else f",lanes={lanes}"),
+                                      {"threads": threads, "batch": batch, "lanes": lanes, "trials": []})
+                row["trials"].append(round(windows_s * per_window, 2))
+                if windows_s * per_window >= row.get("texts_per_s", 0):
+                    row.update(texts_per_s=windows_s * per_window, chars_per_s=windows_s * per_window * chars_per_text,
+                               windows_per_s=windows_s)
+    finally:
+        torch.set_num_threads(previous)
+    top = max(runs.values(), key=lambda r: r["texts_per_s"])
+    return {"runs": runs, "best": top, "windows": len(inputs), "texts": len(texts), "chars_per_text": round(chars_per_text, 1),
+            "window": cut.window, "stride": cut.stride}
+
+
 def run(lab: Lab, quick: bool) -> AreaReport:
     from training.data import compose
 
     report = AreaReport("robustness", "length robustness: recall / false positives by length per REGISTRY_LONG_TEXT mode; "
                                       "throughput windows vs truncate")
     per_bucket, duration, warmup, rounds = (16, 4.0, 1.5, 1) if quick else (None, 12.0, 3.0, 2)
+    raw_s, raw_trials = (0.8, 1) if quick else (3.0, 2)
     demo = lab.demo()
 
     # Services first (they start while this process measures accuracy: a start mostly waits on imports).
     pool = ThreadPoolExecutor(max_workers=2)
     f_win = pool.submit(lab.service, REGISTRY_LONG_TEXT="windows")
     f_trunc = pool.submit(lab.service, REGISTRY_LONG_TEXT="truncate")
+    # Long windows gain more from two torch threads on one forward than from two lanes of one (the raw figures say so):
+    # the same windows service with one lane of 2 threads, for mixed traffic's sake.
+    f_wide = pool.submit(lab.service, REGISTRY_LONG_TEXT="windows", REGISTRY_FORWARD_THREADS="1", REGISTRY_TORCH_THREADS="2")
     services: list[Any] = []
     try:
         acc = accuracy_by_length(lab, per_bucket)
-        (win, win_ready), (trunc, trunc_ready) = f_win.result(), f_trunc.result()
-        services += [win, trunc]
+        (win, win_ready), (trunc, trunc_ready), (wide, wide_ready) = f_win.result(), f_trunc.result(), f_wide.result()
+        services += [win, trunc, wide]
         window = acc["windows"]["window"] or 512
         short, mixed, info = traffic(lab, window)
-        subjects = {"windows": win, "truncate": trunc}
+        subjects = {"windows": win, "truncate": trunc, WIDE: wide}
         answers = {mode: svc.classify(mixed).json() for mode, svc in subjects.items()}
+        reading = get_json(win.client, "/models")["models"][lab.demo().name]["runner"]["reading"]
         bodies = {"short": [json.dumps({"texts": [t]}).encode() for t in short],
                   "mixed": [json.dumps({"texts": [t]}).encode() for t in mixed]}
         results: dict[str, dict[str, list[LoadResult]]] = {kind: {m: [] for m in subjects} for kind in bodies}
@@ -138,6 +219,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         for svc in services:
             svc.stop()
         pool.shutdown(wait=True)
+    raw = raw_windows(lab, mixed, reading, raw_s, raw_trials)  # the machine to itself: the services are down
 
     def rps(kind: str, mode: str) -> float:
         return sum(x.rps for x in results[kind][mode]) / len(results[kind][mode])
@@ -178,6 +260,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
                key="fpr_excess_windows")
 
     # -- throughput ----------------------------------------------------------------------------------
+    short_chars = sum(map(len, short)) / len(short)
     for kind, what in (("short", "short-only traffic"), ("mixed", f"mixed-length traffic ({info['mixed_long_texts']} of "
                                                                     f"{info['mixed_texts']} texts longer than a window)")):
         report.add(f"throughput, {what}, {CLIENTS} clients: windows", rps(kind, "windows"), "req/s", "truncate",
@@ -185,6 +268,26 @@ def run(lab: Lab, quick: bool) -> AreaReport:
                    note=f"p99 windows {p99(kind, 'windows'):.0f} ms / truncate {p99(kind, 'truncate'):.0f} ms; "
                         f"non-200 + errors {bad(kind, 'windows')} / {bad(kind, 'truncate')}; rounds "
                         + ", ".join(f"{a.rps:.1f}/{b.rps:.1f}" for a, b in zip(results[kind]["windows"], results[kind]["truncate"])))
+    # Long texts at the model's own speed: characters/s of whole-text answers vs the raw model on the same windows.
+    chars = raw["chars_per_text"]
+    top = raw["best"]
+    report.add(f"mixed-length traffic, windows service, {CLIENTS} clients, vs the raw model on the same windows",
+               rps("mixed", "windows") * chars, "chars/s", "raw model, the same windows, best batching", top["chars_per_s"],
+               key="mixed_chars_vs_raw_windows",
+               note=f"{rps('mixed', 'windows'):.1f} texts/s vs raw {top['texts_per_s']:.1f} texts/s ({top['windows_per_s']:.1f} windows/s, "
+                    f"threads {top['threads']}, batch {top['batch']}, lanes {top['lanes']}); {raw['windows']} windows of "
+                    f"{raw['window']} tokens (stride {raw['stride']}) for {raw['texts']} texts of {chars:.0f} characters on average")
+    report.add(f"mixed-length traffic, {WIDE}, {CLIENTS} clients, vs the raw model on the same windows",
+               rps("mixed", WIDE) * chars, "chars/s", "raw model, the same windows, best batching", top["chars_per_s"],
+               key="mixed_chars_wide_vs_raw_windows",
+               note=f"{rps('mixed', WIDE):.1f} texts/s, p99 {p99('mixed', WIDE):.0f} ms; vs the default lanes "
+                    f"{rps('mixed', WIDE) / max(rps('mixed', 'windows'), 1e-9):.2f}x")
+    report.add(f"short-only traffic, {WIDE}, {CLIENTS} clients, vs the default lanes", rps("short", WIDE), "req/s",
+               "windows, default lanes", rps("short", "windows"), key="short_rps_wide_vs_default",
+               note=f"p99 {p99('short', WIDE):.0f} ms; non-200 + errors {bad('short', WIDE)} short, {bad('mixed', WIDE)} mixed")
+    report.add(f"short-only traffic, windows service, {CLIENTS} clients, in characters/s", rps("short", "windows") * short_chars,
+               "chars/s", "mixed-length traffic, the same service", rps("mixed", "windows") * chars, key="chars_short_vs_mixed",
+               note="per character, what short texts cost against a mix with long ones (whose windows batch with the short texts)")
     report.add(f"accuracy on the demo's gate set ({compose.GATE_PATH.name}): windows", w["gate_accuracy"], "x", "truncate",
                t["gate_accuracy"], key="gate_accuracy", note=f"head_tail {h['gate_accuracy']:.3f}")
     report.add(f"non-200 answers + errors, all traffic, {CLIENTS} clients", float(sum(bad(k, m) for k in bodies for m in subjects)),
@@ -204,11 +307,12 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         f"{b} {w['fpr'][b]:.2f}/{t['fpr'][b]:.2f}/{h['fpr'][b]:.2f}" for b in compose.BUCKETS))
     report.notes.append(f"traffic: {info}; the mixed texts through each service: flagged {service_flags}, windows read {windows_read}")
     report.notes.append(f"each measurement {warmup:g} s warm-up + {duration:g} s, {rounds} round(s), kinds and modes interleaved; "
-                        f"services ready in {win_ready:.1f} s (windows) and {trunc_ready:.1f} s (truncate)")
+                        f"services ready in {win_ready:.1f} s (windows), {trunc_ready:.1f} s (truncate) and {wide_ready:.1f} s ({WIDE})")
     report.detail = {
         "accuracy": acc, "traffic": info,
         "throughput": {kind: {m: [x.to_dict() for x in v] for m, v in modes.items()} for kind, modes in results.items()},
         "service_flags_on_mixed": service_flags, "service_windows_on_mixed": windows_read,
+        "raw_windows": raw, "service_reading": reading,
         "demo_model": {"registered": demo.registered_name, "meta": demo.meta},
         "durations": {"measured_s": duration, "warmup_s": warmup, "rounds": rounds, "per_bucket": per_bucket},
     }
