@@ -232,8 +232,8 @@ class RegistrySettings(BaseSettings):
     accelerate: str = Field("none", pattern=f"^({'|'.join(EAGER_EXECUTION + ACCELERATIONS)})$")
     """Opt-in faster execution of a transformers model: `int8` (torch dynamic quantization of its Linear layers);
     `onnx` / `onnx-int8` (ONNX Runtime, transformer graph fusion, int8 weights); `openvino` / `openvino-int8`
-    (OpenVINO CPU, int8 weights). The ONNX and OpenVINO forms need `pip install '.[accelerate]'` and are converted
-    once at load, cached beside the artifact. Serves only after agreeing with the eager model at load (gate set,
+    (OpenVINO CPU, int8 weights). The ONNX and OpenVINO forms need `pip install '.[accelerate]'` (the bento and its
+    image carry the OpenVINO forms only) and are converted once at load, cached beside the artifact. Serves only after agreeing with the eager model at load (gate set,
     else warm-up texts); else eager serves and `/models` says why."""
 
     accelerate_max_diff: float = Field(0.05, ge=0)

