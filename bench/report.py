@@ -281,12 +281,49 @@ def hotpath_markdown(results: dict[str, Any], full: bool = False) -> str:
     return "\n".join(lines)
 
 
+#: How the long-text table names each robustness subject (bench/robustness.py).
+LONG_TEXT_LABELS = {
+    "windows": "service, `REGISTRY_LONG_TEXT=windows` (default: 2 lanes × 1 torch thread)",
+    "windows-1-lane-2-threads": "service, `windows`, one lane of 2 torch threads",
+    "truncate": "service, `REGISTRY_LONG_TEXT=truncate` (first window only)",
+}
+
+
+def long_text_markdown(results: dict[str, Any]) -> str:
+    """The long-text throughput table from a results file (robustness area): per subject and traffic kind,
+    texts/s and characters/s at 32 clients, and the mixed traffic's ratio to the raw model on the same windows."""
+    detail = results["areas"]["robustness"]["detail"]
+    raw = detail["raw_windows"]
+    chars = {"mixed": raw["chars_per_text"]}
+    throughput: dict[str, dict[str, list[dict[str, Any]]]] = detail["throughput"]
+
+    def mean(kind: str, subject: str, field: str) -> float:
+        rows = throughput[kind][subject]
+        return sum(r.get(field) or 0 for r in rows) / len(rows)
+
+    top = raw["best"]
+    lines = ["| subject | short-only: texts/s, p99 | mixed-length: texts/s, p99 | mixed: characters/s | vs the raw model on the same windows |",
+             "|---|---|---|---|---|"]
+    for subject in throughput["mixed"]:
+        mixed_rps = mean("mixed", subject, "rps")
+        ratio = f"{mixed_rps * chars['mixed'] / top['chars_per_s']:.2f}×" if subject != "truncate" else "– (reads less)"
+        lines.append(f"| {LONG_TEXT_LABELS.get(subject, subject)} | {mean('short', subject, 'rps'):.0f}, "
+                     f"{max(r.get('p99_ms') or 0 for r in throughput['short'][subject]):,.0f} ms | {mixed_rps:.0f}, "
+                     f"{max(r.get('p99_ms') or 0 for r in throughput['mixed'][subject]):,.0f} ms | {mixed_rps * chars['mixed']:,.0f} | {ratio} |")
+    lines.append(f"| raw model on the mixed traffic's windows ({raw['windows']} windows of {raw['window']} tokens for {raw['texts']} "
+                 f"texts; {top['threads']} torch thread(s), sorted batches of {top['batch']}, {top['lanes']} lane(s)) | | "
+                 f"{top['texts_per_s']:.0f} | {top['chars_per_s']:,.0f} | 1.00× |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import json
     import sys
     from pathlib import Path
 
-    # python -m bench.report [--full] [results.json]: the README's hot-path table (Markdown) of that run
+    # python -m bench.report [--full] [results.json]: the README's tables (Markdown) of that run, each area it holds
     args = [a for a in sys.argv[1:] if a != "--full"]
     path = Path(args[0]) if args else Path(__file__).resolve().parent / "results.json"
-    print(hotpath_markdown(json.loads(path.read_text()), full="--full" in sys.argv))
+    results = json.loads(path.read_text())
+    tables = {"hotpath": lambda: hotpath_markdown(results, full="--full" in sys.argv), "robustness": lambda: long_text_markdown(results)}
+    print("\n\n".join(render_table() for area, render_table in tables.items() if area in results["areas"]))

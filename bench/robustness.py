@@ -111,7 +111,9 @@ def traffic(lab: Lab, window: int) -> tuple[list[str], list[str], dict[str, Any]
     lengths = [tokens(t) for t in mixed]
     info = {"short_texts": len(short), "short_dropped_longer_than_a_window": len(mix) - len(short),
             "mixed_texts": len(mixed), "mixed_long_texts": len(mixed) - len(short),
-            "mixed_tokens_max": max(lengths), "mixed_tokens_mean": round(sum(lengths) / len(lengths), 1), "window": window}
+            "mixed_tokens_max": max(lengths), "mixed_tokens_mean": round(sum(lengths) / len(lengths), 1), "window": window,
+            "short_chars_mean": round(sum(map(len, short)) / len(short), 1),
+            "mixed_chars_mean": round(sum(map(len, mixed)) / len(mixed), 1)}
     return short, mixed, info
 
 
@@ -260,7 +262,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
                key="fpr_excess_windows")
 
     # -- throughput ----------------------------------------------------------------------------------
-    short_chars = sum(map(len, short)) / len(short)
+    short_chars = info["short_chars_mean"]
     for kind, what in (("short", "short-only traffic"), ("mixed", f"mixed-length traffic ({info['mixed_long_texts']} of "
                                                                     f"{info['mixed_texts']} texts longer than a window)")):
         report.add(f"throughput, {what}, {CLIENTS} clients: windows", rps(kind, "windows"), "req/s", "truncate",
