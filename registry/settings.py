@@ -233,8 +233,9 @@ class RegistrySettings(BaseSettings):
     """Opt-in faster execution of a transformers model: `int8` (torch dynamic quantization of its Linear layers);
     `onnx` / `onnx-int8` (ONNX Runtime, transformer graph fusion, int8 weights); `openvino` / `openvino-int8`
     (OpenVINO CPU, int8 weights). The ONNX and OpenVINO forms need `pip install '.[accelerate]'` (the bento and its
-    image carry the OpenVINO forms only) and are converted once at load, cached beside the artifact. Serves only after agreeing with the eager model at load (gate set,
-    else warm-up texts); else eager serves and `/models` says why."""
+    image carry the OpenVINO forms only) and are converted once at load, cached beside the artifact. Serves only
+    after agreeing with the eager model at load (gate set, else warm-up texts); else eager serves and `/models`
+    says why."""
 
     accelerate_max_diff: float = Field(0.05, ge=0)
     """Largest class-probability difference from the eager model the `REGISTRY_ACCELERATE` parity check allows."""
