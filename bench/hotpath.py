@@ -27,7 +27,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import httpx
 
@@ -104,6 +104,18 @@ class RawModel:
             return self.model(**batch).logits.argmax(dim=-1).tolist()
 
 
+def on_lanes(lane: Callable[[int], None], lanes: int) -> None:
+    """`lane(k)` for k in 0..lanes-1 at once: lane 0 in this thread, the others in threads of their own; returns when all have."""
+    import threading
+
+    workers = [threading.Thread(target=lane, args=(k,)) for k in range(1, lanes)]
+    for worker in workers:
+        worker.start()
+    lane(0)
+    for worker in workers:
+        worker.join()
+
+
 def raw_ceiling(raw: RawModel, texts: list[str], seconds: float, trials: int, configs: Optional[list[Config]] = None,
                 results: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """texts/s of the plain model in this process per torch threads, batching and lanes, best of `trials`.
@@ -117,8 +129,6 @@ def raw_ceiling(raw: RawModel, texts: list[str], seconds: float, trials: int, co
     forward lanes, on several Python threads at once over one copy of the model. The ceiling is the
     best of all. `configs` and `results` let a later call add trials to the same table.
     """
-    import threading
-
     import torch
 
     previous = torch.get_num_threads()
@@ -151,12 +161,7 @@ def raw_ceiling(raw: RawModel, texts: list[str], seconds: float, trials: int, co
                         batch_times.append(time.perf_counter() - t0)
                         done[k] += len(chunk)
 
-                workers = [threading.Thread(target=lane, args=(k,)) for k in range(1, lanes)]
-                for worker in workers:
-                    worker.start()
-                lane(0)
-                for worker in workers:
-                    worker.join()
+                on_lanes(lane, lanes)
                 rate = sum(done) / (time.perf_counter() - start)
                 key = (f"threads={threads},batch={batch}" + ("" if mode == "mixed" else f",{mode}")
                        + ("" if lanes == 1 else f",lanes={lanes}"))

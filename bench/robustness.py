@@ -125,11 +125,9 @@ def raw_windows(lab: Lab, texts: list[str], reading: dict[str, Any], seconds: fl
     finishes the pass it is in when the time is up: a part pass would weigh the short or the long
     windows more): a configuration's texts/s is the texts of its passes over their time.
     """
-    import threading
-
     import torch
 
-    from bench.hotpath import RawModel
+    from bench.hotpath import RawModel, on_lanes
     from runners.windows import reading_for
 
     raw = RawModel(lab)
@@ -162,12 +160,7 @@ def raw_windows(lab: Lab, texts: list[str], reading: dict[str, Any], seconds: fl
                             raw.predict_inputs(batches[(first + j) % len(batches)])
                         passes[k] += 1
 
-                workers = [threading.Thread(target=lane, args=(k,)) for k in range(1, lanes)]
-                for worker in workers:
-                    worker.start()
-                lane(0)
-                for worker in workers:
-                    worker.join()
+                on_lanes(lane, lanes)
                 elapsed = time.perf_counter() - start
                 texts_s = sum(passes) * len(texts) / elapsed
                 row = runs.setdefault(f"threads={threads},batch={batch},sorted" + ("" if lanes == 1 else f",lanes={lanes}"),
