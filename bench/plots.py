@@ -32,7 +32,7 @@ def hotpath_plots(results: dict[str, Any], out: Path) -> list[Path]:
     subjects: dict[str, dict[str, dict[str, Any]]] = (area.get("detail") or {}).get("subjects") or {}
     if not subjects:
         return []
-    subjects = _best_peer_configurations(subjects)
+    subjects = _best_peer_configurations(subjects, area["detail"].get("peer_best") or {})
     plt = _pyplot()
     levels = sorted({int(level) for runs in subjects.values() for level in runs})
     ceiling = next((f["value"] for f in area.get("figures", []) if f.get("key") == "raw_ceiling"), None)
@@ -69,19 +69,18 @@ def hotpath_plots(results: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
-def _best_peer_configurations(subjects: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """The service's subjects and, of a peer measured in several configurations (`mlserver-t2-w1`, ...), its best at the top level."""
+def _best_peer_configurations(subjects: dict[str, dict[str, dict[str, Any]]],
+                               peer_best: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The subjects with each peer measured in several configurations (`mlserver-t2-w1`, ...) reduced to the
+    best the run found (bench/hotpath.py's `peer_best`: family -> its best configuration's name)."""
+    best = {v["config"] for v in peer_best.values()}
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    peers: dict[str, list[str]] = {}
-    for name in subjects:
-        base, sep, config = name.partition("-t")
-        if name.startswith("service") or not sep or not config[:1].isdigit():
-            out[name] = subjects[name]
-        else:
-            peers.setdefault(base, []).append(name)
-    for base, names in peers.items():
-        top = max(names, key=lambda n: max((run.get("rps", 0), int(level)) for level, run in subjects[n].items())[0])
-        out[f"{base} (best: {top.removeprefix(base + '-')})"] = subjects[top]
+    for name, runs in subjects.items():
+        family = next((f for f in peer_best if name.startswith(f + "-")), None)
+        if family is None:
+            out[name] = runs
+        elif name in best:
+            out[f"{family} (best: {name.removeprefix(family + '-')})"] = runs
     return out
 
 

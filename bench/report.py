@@ -10,6 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from registry.settings import ACCELERATIONS
+
 
 @dataclass
 class Figure:
@@ -261,9 +263,11 @@ def hotpath_markdown(results: dict[str, Any], full: bool = False) -> str:
     def level(levels: dict[Any, Any], c: int) -> dict[str, Any]:
         return levels.get(str(c), levels.get(c, {}))
 
+    def accelerated(name: str) -> bool:  # a subject asking for a REGISTRY_ACCELERATE value (bench/hotpath.py's variants)
+        return name.startswith("service-") and name.removeprefix("service-") in ACCELERATIONS
+
     eager32 = level(subjects["service"], 32)["rps"]
-    shown = [n for n in subjects if full or n in best or n in ("service", "mlflow") or n.startswith("service-") and n not in (
-        "service-2-workers", "service-1-lane")]
+    shown = [n for n in subjects if full or n in best or n in ("service", "mlflow") or accelerated(n)]
     lines = ["| subject | req/s at 1 / 8 / 32 clients | p50 / p99 at 32 clients | vs the eager service at 32 |", "|---|---|---|---|"]
     for name in shown:
         rows = [level(subjects[name], c) for c in (1, 8, 32)]
@@ -272,9 +276,7 @@ def hotpath_markdown(results: dict[str, Any], full: bool = False) -> str:
             top = peer_best[best[name]]
             label += (", its best configuration" if full else f", its best of {sum(n.startswith(best[name] + '-') for n in subjects)} configurations"
                       ) + f" ({top['rps']:.0f} req/s at {top['clients']} clients)"
-        kind = name.removeprefix("service-")
-        asked = name.startswith("service-") and name not in ("service-2-workers", "service-1-lane")  # an acceleration subject
-        if asked and kind != execution.get(name, kind) and execution.get(name) == "eager":
+        if accelerated(name) and execution.get(name) == "eager":
             label += " — refused at load (parity), eager served"
         lines.append(f"| {label} | " + " / ".join(f"{r.get('rps', 0):.0f}" for r in rows)
                      + f" | {rows[2].get('p50_ms') or 0:,.0f} / {rows[2].get('p99_ms') or 0:,.0f} ms | {rows[2].get('rps', 0) / eager32:.2f}× |")
@@ -294,7 +296,7 @@ def long_text_markdown(results: dict[str, Any]) -> str:
     texts/s and characters/s at 32 clients, and the mixed traffic's ratio to the raw model on the same windows."""
     detail = results["areas"]["robustness"]["detail"]
     raw = detail["raw_windows"]
-    chars = {"mixed": raw["chars_per_text"]}
+    chars = raw["chars_per_text"]  # of the mixed traffic's texts
     throughput: dict[str, dict[str, list[dict[str, Any]]]] = detail["throughput"]
 
     def mean(kind: str, subject: str, field: str) -> float:
@@ -307,10 +309,10 @@ def long_text_markdown(results: dict[str, Any]) -> str:
              "|---|---|---|---|---|"]
     for subject in throughput["mixed"]:
         mixed_rps = mean("mixed", subject, "rps")
-        ratio = f"{mixed_rps * chars['mixed'] / top['chars_per_s']:.2f}×" if subject != "truncate" else "– (reads less)"
+        ratio = f"{mixed_rps * chars / top['chars_per_s']:.2f}×" if subject != "truncate" else "– (reads less)"
         lines.append(f"| {LONG_TEXT_LABELS.get(subject, subject)} | {mean('short', subject, 'rps'):.0f}, "
                      f"{max(r.get('p99_ms') or 0 for r in throughput['short'][subject]):,.0f} ms | {mixed_rps:.0f}, "
-                     f"{max(r.get('p99_ms') or 0 for r in throughput['mixed'][subject]):,.0f} ms | {mixed_rps * chars['mixed']:,.0f} | {ratio} |")
+                     f"{max(r.get('p99_ms') or 0 for r in throughput['mixed'][subject]):,.0f} ms | {mixed_rps * chars:,.0f} | {ratio} |")
     lines.append(f"| raw model on the mixed traffic's windows ({raw['windows']} model inputs of ≤ {raw['window']} tokens for {raw['texts']} "
                  f"texts; {top['threads']} torch thread(s), sorted batches of {top['batch']}, {top['lanes']} lane(s)) | | "
                  f"{top['texts_per_s']:.0f} | {top['chars_per_s']:,.0f} | 1.00× |")

@@ -40,9 +40,9 @@ from bench.report import AreaReport
 MODES = ("windows", "truncate", "head_tail")
 CLIENTS = 32
 LONG_SHARE = 0.2  # of the mixed traffic's requests
-#: The raw model over the mixed traffic's windows: (torch threads, batch, lanes), length-sorted batches.
 #: The windows service on one forward lane of two torch threads (REGISTRY_FORWARD_THREADS=1, REGISTRY_TORCH_THREADS=2).
 WIDE = "windows-1-lane-2-threads"
+#: The raw model over the mixed traffic's windows: (torch threads, batch, lanes), length-sorted batches.
 RAW_WINDOW_CONFIGS = [(t, b, 1) for t in (1, 2) for b in (8, 16, 32)] + [(1, b, 2) for b in (8, 16, 32)]
 
 
@@ -112,8 +112,7 @@ def traffic(lab: Lab, window: int) -> tuple[list[str], list[str], dict[str, Any]
     info = {"short_texts": len(short), "short_dropped_longer_than_a_window": len(mix) - len(short),
             "mixed_texts": len(mixed), "mixed_long_texts": len(mixed) - len(short),
             "mixed_tokens_max": max(lengths), "mixed_tokens_mean": round(sum(lengths) / len(lengths), 1), "window": window,
-            "short_chars_mean": round(sum(map(len, short)) / len(short), 1),
-            "mixed_chars_mean": round(sum(map(len, mixed)) / len(mixed), 1)}
+            "short_chars_mean": round(sum(map(len, short)) / len(short), 1)}
     return short, mixed, info
 
 
@@ -189,8 +188,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
     pool = ThreadPoolExecutor(max_workers=2)
     f_win = pool.submit(lab.service, REGISTRY_LONG_TEXT="windows")
     f_trunc = pool.submit(lab.service, REGISTRY_LONG_TEXT="truncate")
-    # Long windows gain more from two torch threads on one forward than from two lanes of one (the raw figures say so):
-    # the same windows service with one lane of 2 threads, for mixed traffic's sake.
+    # The alternative for long windows: one forward of 2 torch threads at a time instead of two lanes of one.
     f_wide = pool.submit(lab.service, REGISTRY_LONG_TEXT="windows", REGISTRY_FORWARD_THREADS="1", REGISTRY_TORCH_THREADS="2")
     services: list[Any] = []
     try:
