@@ -9,7 +9,7 @@ Subjects serving the same registered demo model (version 1):
   and the service's scheme on two forward lanes (two Python threads of one torch thread each);
 - the service, `bentoml serve` with its defaults (one worker; forward and torch threads `auto`: on
   2 cores, two forward lanes of one torch thread), the same with each `REGISTRY_ACCELERATE` value
-  (int8, onnx, onnx-int8, openvino, openvino-int8; parity on the demo's gate set), with
+  (int8, onnx, onnx-int8, openvino, openvino-int8, openvino-bf16; parity on the demo's gate set), with
   `REGISTRY_WORKERS=2`, and with one lane of one torch thread (the default before lanes);
 - peers, each in every configuration and compared at its best: `mlflow models serve --env-manager
   local` of `models:/security_prompt_injection/1`, its defaults; a plain BentoML

@@ -234,6 +234,7 @@ SUBJECT_LABELS = {
     "service-onnx-int8": "service, `REGISTRY_ACCELERATE=onnx-int8` (ONNX Runtime, fused, int8 weights)",
     "service-openvino": "service, `REGISTRY_ACCELERATE=openvino` (OpenVINO CPU, f32)",
     "service-openvino-int8": "service, `REGISTRY_ACCELERATE=openvino-int8` (OpenVINO CPU, int8 weights)",
+    "service-openvino-bf16": "service, `REGISTRY_ACCELERATE=openvino-bf16` (OpenVINO CPU, bfloat16 on AMX)",
     "service-2-workers": "service, `REGISTRY_WORKERS=2` (1 lane each)",
     "service-1-lane": "service, one lane of one torch thread (the default before lanes)",
     "mlflow": "`mlflow models serve`",

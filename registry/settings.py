@@ -15,7 +15,7 @@ from registry.errors import SettingsError
 ENV_PREFIX = "REGISTRY_"
 #: Values of `REGISTRY_ACCELERATE`: those that ask for nothing, and the accelerations runners/accelerate.py builds.
 EAGER_EXECUTION = ("", "none", "eager")
-ACCELERATIONS = ("int8", "onnx", "onnx-int8", "openvino", "openvino-int8")
+ACCELERATIONS = ("int8", "onnx", "onnx-int8", "openvino", "openvino-int8", "openvino-bf16")
 #: Values of `REGISTRY_LONG_TEXT`: how a text longer than the model's window is read (runners/windows.py).
 LONG_TEXT_MODES = ("windows", "truncate", "head_tail")
 #: Longest input handed to a model, whatever its tokenizer claims (tokens, special tokens included).
@@ -232,10 +232,11 @@ class RegistrySettings(BaseSettings):
     accelerate: str = Field("none", pattern=f"^({'|'.join(EAGER_EXECUTION + ACCELERATIONS)})$")
     """Opt-in faster execution of a transformers model: `int8` (torch dynamic quantization of its Linear layers);
     `onnx` / `onnx-int8` (ONNX Runtime, transformer graph fusion, int8 weights); `openvino` / `openvino-int8`
-    (OpenVINO CPU, int8 weights). The ONNX and OpenVINO forms need `pip install '.[accelerate]'` (the bento and its
-    image carry the OpenVINO forms only) and are converted once at load, cached beside the artifact. Serves only
-    after agreeing with the eager model at load (gate set, else warm-up texts); else eager serves and `/models`
-    says why."""
+    (OpenVINO CPU, int8 weights); `openvino-bf16` (OpenVINO computing in bfloat16, on a CPU with bf16 units such
+    as AMX or AVX512-BF16, refused on one without; the fastest form where it runs). The ONNX and OpenVINO forms
+    need `pip install '.[accelerate]'` (the bento and its image carry the OpenVINO forms only) and are converted
+    once at load, cached beside the artifact. Serves only after agreeing with the eager model at load (gate set,
+    else warm-up texts); else eager serves and `/models` says why."""
 
     accelerate_max_diff: float = Field(0.05, ge=0)
     """Largest class-probability difference from the eager model the `REGISTRY_ACCELERATE` parity check allows."""

@@ -11,6 +11,10 @@
 - `openvino-int8`: the same with every MatMul weight stored as int8 (symmetric, per output channel,
   the `Constant(i8) -> Convert -> Multiply(scale)` form OpenVINO's CPU plugin runs as compressed
   weights, with activations quantized per group at run time).
+- `openvino-bf16`: the `openvino` graph (the same cached conversion) computed in bfloat16
+  (`INFERENCE_PRECISION_HINT=bf16`): on a CPU with bf16 units (Intel AMX or AVX512-BF16) the matrix
+  products run on them. A CPU without them is refused up front (OpenVINO would emulate bf16, slower
+  than f32), and the eager model serves.
 
 The two exported int8 forms keep their f32 graph beside them and answer like eager near a tie: a row
 whose two highest class probabilities are within `2 x REGISTRY_ACCELERATE_MAX_DIFF` of each other
@@ -59,7 +63,10 @@ Forward = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 #: The forms converted to a file at load (cached), and the packages each needs (import names).
 EXPORTED = {"onnx": ("onnxruntime", "onnx"), "onnx-int8": ("onnxruntime", "onnx"),
-            "openvino": ("openvino", "onnx"), "openvino-int8": ("openvino", "onnx")}  # OpenVINO reads torch's ONNX export
+            "openvino": ("openvino", "onnx"), "openvino-int8": ("openvino", "onnx"),  # OpenVINO reads torch's ONNX export
+            "openvino-bf16": ("openvino", "onnx")}
+#: Forms that run another form's conversion (its files and cache entry), with other settings at open.
+CONVERTED_AS = {"openvino-bf16": "openvino"}
 #: Bumped when a conversion recipe changes: cached conversions of another recipe are not reused.
 RECIPE = 2
 #: Conversions run in this process, per kind (a cached one loads without converting).
@@ -237,6 +244,11 @@ def fingerprint(kind: str) -> str:
     return hashlib.sha256(json.dumps({"kind": kind, **_versions(kind)}, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def converted_as(kind: str) -> str:
+    """The form whose conversion `kind` runs (itself, or the one it shares files with)."""
+    return CONVERTED_AS.get(kind, kind)
+
+
 def conversion_dir(plan: Plan, kind: str) -> Optional[Path]:
     return None if plan.cache_dir is None else plan.cache_dir / "accelerated" / f"{kind}-{fingerprint(kind)}"
 
@@ -246,11 +258,12 @@ def exported_forward(kind: str, module: torch.nn.Module, example: Mapping[str, t
     """Convert `module` (or reuse its cached conversion) and open it; (forward pass, engine description).
 
     `band`: an int8 form reruns in f32 each row whose two highest probabilities are within `2 x band`."""
-    target = conversion_dir(plan, kind)
+    converted = converted_as(kind)
+    target = conversion_dir(plan, converted)
     if target is None:
         scratch = Path(tempfile.mkdtemp(prefix=f"accelerate-{kind}-"))
         try:
-            _convert(kind, module, example, scratch)
+            _convert(converted, module, example, scratch)
             return _open(kind, scratch, plan, band)  # the runtimes read the files at open: the directory can go
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -262,7 +275,7 @@ def exported_forward(kind: str, module: torch.nn.Module, example: Mapping[str, t
             if not (target / DONE).is_file():  # another worker may have converted it while this one waited
                 scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
                 try:
-                    _convert(kind, module, example, scratch)
+                    _convert(converted, module, example, scratch)
                     shutil.rmtree(target, ignore_errors=True)  # an unfinished directory of an interrupted writer
                     os.replace(scratch, target)
                 finally:
@@ -409,7 +422,8 @@ def _open(kind: str, directory: Path, plan: Plan, band: float) -> tuple[Forward,
         if kind == "onnx-int8":
             return near_tie_in_f32(forward, _onnxruntime_forward(directory / "f32.onnx", plan)[0], band), f"{engine}; {_tie_note(band)}"
         return forward, engine
-    forward, engine = _openvino_forward(directory / "model.xml", plan, int8=kind == "openvino-int8")
+    forward, engine = _openvino_forward(directory / "model.xml", plan, int8=kind == "openvino-int8",
+                                        precision="bf16" if kind == "openvino-bf16" else "f32")
     if kind == "openvino-int8":
         return near_tie_in_f32(forward, _openvino_forward(directory / "f32.xml", plan, int8=False)[0], band), f"{engine}; {_tie_note(band)}"
     return forward, engine
@@ -473,13 +487,20 @@ def _onnxruntime_forward(path: Path, plan: Plan) -> tuple[Forward, str]:
     return forward, f"onnxruntime {ort.__version__} CPU, {plan.torch_threads} intra-op thread(s)"
 
 
-def _openvino_forward(path: Path, plan: Plan, int8: bool) -> tuple[Forward, str]:
-    """An OpenVINO CPU compiled model, one stream per forward lane and one infer request per lane thread."""
+def _openvino_forward(path: Path, plan: Plan, int8: bool, precision: str = "f32") -> tuple[Forward, str]:
+    """An OpenVINO CPU compiled model, one stream per forward lane and one infer request per lane thread.
+
+    `precision`: what the CPU plugin computes in, `f32` or `bf16` (refused on a CPU without bf16 units)."""
     import openvino as ov
 
     core = ov.Core()
+    if precision == "bf16":
+        capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if "BF16" not in capabilities:
+            raise AccelerationRefused(f"openvino-bf16 needs a CPU with bf16 units (Intel AMX or AVX512-BF16); this one "
+                                      f"offers {', '.join(capabilities)}: REGISTRY_ACCELERATE=openvino runs here")
     config: dict[str, Any] = {"NUM_STREAMS": plan.lanes, "INFERENCE_NUM_THREADS": plan.lanes * plan.torch_threads,
-                              "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
+                              "INFERENCE_PRECISION_HINT": precision, "ENABLE_CPU_PINNING": False}
     if int8:
         config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = OV_DYNAMIC_QUANT_GROUP
     compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
@@ -494,4 +515,5 @@ def _openvino_forward(path: Path, plan: Plan, int8: bool) -> tuple[Forward, str]
         result = request.infer(_feeds(names, enc))
         return torch.from_numpy(result[output].copy())  # the request's output buffer is reused by its next call
 
-    return forward, f"openvino {ov.__version__} CPU, {plan.lanes} stream(s) x {plan.torch_threads} thread(s)"
+    computes_in = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # what the plugin settled on
+    return forward, f"openvino {ov.__version__} CPU, {computes_in}, {plan.lanes} stream(s) x {plan.torch_threads} thread(s)"

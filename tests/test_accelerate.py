@@ -85,21 +85,26 @@ def test_unknown_acceleration_is_a_settings_error(tmp_path: Path) -> None:
 
 # -- the exported forms: ONNX Runtime and OpenVINO (pip install '.[accelerate]') --------------------------------------
 
-EXPORTED = ("onnx", "onnx-int8", "openvino", "openvino-int8")
+EXPORTED = ("onnx", "onnx-int8", "openvino", "openvino-int8", "openvino-bf16")
 
 
 @pytest.mark.parametrize("kind", EXPORTED)
 def test_exported_form_agrees_is_named_and_cached(kind: str, hf_dir: Path, tmp_path: Path) -> None:
     from runners import accelerate
 
+    if kind == "openvino-bf16" and not _cpu_has_bf16():  # what such a CPU must do instead
+        refused = _runner(hf_dir, tmp_path, accelerate=kind)
+        assert refused.execution == "eager" and "bf16 units" in refused.describe()["accelerate"]["refused"]
+        return
     eager = _runner(hf_dir, tmp_path).predict(TEXTS)
-    before = accelerate.CONVERSIONS[kind]
+    converted = accelerate.converted_as(kind)  # openvino-bf16 runs the openvino conversion
+    before = accelerate.CONVERSIONS[converted]
     runner = _runner(hf_dir, tmp_path, accelerate=kind)
 
     described = runner.describe()
     assert runner.execution == kind and described["execution"] == kind, described.get("accelerate")
     info = described["accelerate"]
-    assert info["converted"] is True and accelerate.CONVERSIONS[kind] == before + 1
+    assert info["converted"] is True and accelerate.CONVERSIONS[converted] == before + 1
     assert info["parity"]["label_mismatches"] == 0 and info["parity"]["max_diff"] <= 0.05
     assert info["parity"]["engine"].startswith("onnxruntime" if kind.startswith("onnx") else "openvino")
     assert runner._require().module is None  # the eager module is not kept
@@ -110,19 +115,42 @@ def test_exported_form_agrees_is_named_and_cached(kind: str, hf_dir: Path, tmp_p
     assert served.identity()["execution"] == kind
 
     # Cached beside the artifact, in the artifact cache: a restart loads it without converting again.
-    done = list((tmp_path / "artifacts").rglob(f"accelerated/{kind}-*/{accelerate.DONE}"))
+    done = list((tmp_path / "artifacts").rglob(f"accelerated/{converted}-*/{accelerate.DONE}"))
     assert len(done) == 1, sorted(map(str, (tmp_path / "artifacts").rglob("*")))
     again = _runner(hf_dir, tmp_path, accelerate=kind)
     assert again.execution == kind and again.describe()["accelerate"]["converted"] is False
-    assert accelerate.CONVERSIONS[kind] == before + 1
+    assert accelerate.CONVERSIONS[converted] == before + 1
     assert [p["label"] for p in again.predict(TEXTS)] == [p["label"] for p in eager]
+
+
+def _cpu_has_bf16() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def test_openvino_bf16_is_refused_without_bf16_units(hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU whose OpenVINO plugin offers no BF16 (emulated bf16 is slower than f32), eager serves and says why."""
+    import openvino as ov
+
+    real = ov.Core.get_property
+
+    def without_bf16(self: ov.Core, *args: object) -> object:
+        value = real(self, *args)
+        return [c for c in value if c != "BF16"] if args[1:] == ("OPTIMIZATION_CAPABILITIES",) else value
+
+    monkeypatch.setattr(ov.Core, "get_property", without_bf16)
+    runner = _runner(hf_dir, tmp_path, accelerate="openvino-bf16")
+    refused = runner.describe()["accelerate"]["refused"]
+    assert runner.execution == "eager" and "bf16 units" in refused and "REGISTRY_ACCELERATE=openvino" in refused, refused
+    assert [p["label"] for p in runner.predict(TEXTS)] == [p["label"] for p in _runner(hf_dir, tmp_path).predict(TEXTS)]
 
 
 def test_exported_forms_run_from_several_threads_at_once(hf_dir: Path, tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     expected = _runner(hf_dir, tmp_path).predict(TEXTS * 3)
-    for kind in ("onnx", "openvino"):
+    for kind in ("onnx", "openvino", "openvino-bf16"):
         runner = _runner(hf_dir, tmp_path, accelerate=kind, forward_threads=3)
         with ThreadPoolExecutor(3) as pool:
             answers = list(pool.map(runner.predict, [TEXTS * 3] * 12))
