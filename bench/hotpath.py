@@ -18,7 +18,9 @@ Subjects serving the same registered demo model (version 1):
   missing) at 1 and 2 intra-op threads x parallel_workers 0, 1 and 2.
 Each request classifies one text of the mix, so requests/s and texts/s are the same number. All
 servers are up together and the load levels interleave them (per level, each subject in turn).
-At the end, one profiled run (py-spy, 32 clients) says where the service's CPU time goes.
+At the end, one profiled run (py-spy, 32 clients) says where the service's CPU time goes, and one
+run without a profiler attached how many cores its event loop and its other threads use, and how
+idle the machine stays (the closed loop's gaps).
 """
 
 from __future__ import annotations
@@ -218,7 +220,7 @@ def _table(results: dict[str, dict[int, LoadResult]], rss: dict[str, Optional[fl
 
 def run(lab: Lab, quick: bool) -> AreaReport:
     from bench import peers as peer_mod
-    from bench.profile import profile_service
+    from bench.profile import cpu_split, profile_service
 
     report = AreaReport("hotpath", "classify throughput and latency, demo MiniLM, one text per request; peers; profile")
     duration, warmup, raw_s, trials, profile_s = (3.0, 1.0, 0.7, 1, 4.0) if quick else (15.0, 3.0, 2.5, 2, 12.0)
@@ -284,6 +286,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
     labels: dict[str, list[str]] = {}
     rss: dict[str, Optional[float]] = {}
     profile: dict[str, Any] = {}
+    cpu: dict[str, Any] = {}
     execution: dict[str, str] = {}
     runner_info: dict[str, Any] = {}
     try:
@@ -320,6 +323,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         for name, proc in services.items():  # again: the counters since load (rows rerun near a tie)
             runner_info[name] = get_json(proc.client, "/models")["models"][demo.name].get("runner", {})
         profile = profile_service(svc, service_bodies, 32, profile_s)
+        cpu = cpu_split(svc, service_bodies, 32, profile_s)
     finally:
         for server in (*services.values(), mls, *peers.values()):
             server.stop()
@@ -431,6 +435,12 @@ def run(lab: Lab, quick: bool) -> AreaReport:
                         + f"; mlflow models serve up in {mls_start_s:.1f} s")
     if profile:
         report.notes.append(f"profile: {profile.get('summary')}")
+    for name, fig in (cpu.get("cores") or {}).items():
+        if name != "cpus":
+            report.add(f"CPU at 32 clients, no profiler: {name.replace('_', ' ')}", fig, "x" if "share" in name else "cores",
+                       key=f"cpu_{name}")
+    if cpu:
+        report.notes.append(f"CPU split: {cpu.get('summary')}")
     report.detail = {
         "raw": runs,
         "raw_labels_agree_with_service": agree_raw,
@@ -448,6 +458,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         "service_ready_s_all": {n: round(t, 2) for n, t in ready_times.items()},
         "skipped": skipped,
         "profile": profile,
+        "cpu_split": cpu,
         "loadavg_at_level_start": loadavg,
         "service_ready_s": round(ready_s, 2),
         "mlflow_models_serve_start_s": round(mls_start_s, 2),

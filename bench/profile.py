@@ -10,6 +10,7 @@ figures are absent and the report says so.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -82,3 +83,59 @@ def profile_service(svc: Any, bodies: list[bytes], clients: int, seconds: float)
                f"{total} CPU samples: " + ", ".join(f"{b} {shares[b] * 100:.0f}%" for b in BUCKETS) + f"; raw stacks in {out.name}")
     return {"summary": summary, "shares": shares, "samples": dict(counts), "total": total, "rps": round(load.rps, 2),
             "p50_ms": load.p50_ms, "p99_ms": load.p99_ms, "file": str(out)}
+
+
+def _thread_ticks(pid: int) -> dict[tuple[int, int], int]:
+    """CPU clock ticks (user + system) of every thread of `pid` and its descendants, by (process, thread)."""
+    import psutil
+
+    ticks: dict[tuple[int, int], int] = {}
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return ticks
+    for proc in procs:
+        for task in Path(f"/proc/{proc.pid}/task").glob("*"):
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            ticks[(proc.pid, int(task.name))] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def _machine_idle() -> tuple[int, int]:
+    """(idle + iowait ticks, all ticks) of the whole machine so far (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return values[3] + values[4], sum(values)
+
+
+def cpu_split(svc: Any, bodies: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
+    """Where the worker's CPU goes under load, without a profiler attached (Linux /proc): cores used by each
+    process's main thread (the event loop of a worker), by its other threads (forward lanes, the runtimes'
+    own threads), and how idle the machine stays. Threads waiting for the GIL use no CPU: idle here is CPU
+    nobody could use, the closed loop's gaps between a pass's answers and the requests they bring back."""
+    import threading
+
+    if svc.proc is None or not Path("/proc/stat").exists():
+        return {"summary": "not measured: no /proc", "cores": {}}
+    result: dict[str, Any] = {}
+    load = threading.Thread(target=lambda: result.setdefault("load", run_load(svc.url, "/classify", bodies, clients, seconds + 2, 1)))
+    load.start()
+    time.sleep(1.5)  # warm-up, and the first requests' burst
+    before, idle_before = _thread_ticks(svc.proc.pid), _machine_idle()
+    started = time.perf_counter()
+    time.sleep(seconds)
+    after, idle_after = _thread_ticks(svc.proc.pid), _machine_idle()
+    window = time.perf_counter() - started
+    load.join()
+    hz = os.sysconf("SC_CLK_TCK")
+    main = sum(t - before.get(k, 0) for k, t in after.items() if k[0] == k[1]) / hz / window
+    other = sum(t - before.get(k, 0) for k, t in after.items() if k[0] != k[1]) / hz / window
+    idle = (idle_after[0] - idle_before[0]) / max(1, idle_after[1] - idle_before[1])
+    cores = {"main_threads": round(main, 3), "other_threads": round(other, 3), "machine_idle_share": round(idle, 3),
+             "cpus": os.cpu_count()}
+    summary = (f"{clients} clients, {window:.0f} s, {result['load'].rps:.1f} req/s: main thread(s) (event loop) {main:.2f} cores, "
+               f"other threads (forward lanes, runtimes) {other:.2f} cores, machine idle {idle * 100:.0f}% of {os.cpu_count()} CPUs")
+    return {"summary": summary, "cores": cores, "rps": round(result["load"].rps, 2)}

@@ -247,21 +247,31 @@ def test_the_container_serves_follows_reloads_and_drains(container: dict[str, An
     assert state["State"]["ExitCode"] in (0, 143), state["State"]
 
 
-def test_the_container_serves_openvino_int8(image: dict[str, Any], stack: dict[str, Any]) -> None:
-    """REGISTRY_ACCELERATE=openvino-int8 in the image: converted at load into the data volume, parity-checked,
-    named in every answer, the same labels as eager. Version 1 pinned, a data directory and cache key of its own."""
+@pytest.mark.parametrize("kind", ["openvino-int8", "openvino-bf16"])
+def test_the_container_serves_openvino(kind: str, image: dict[str, Any], stack: dict[str, Any]) -> None:
+    """REGISTRY_ACCELERATE=openvino-int8 / openvino-bf16 in the image: converted at load into the data volume,
+    parity-checked, named in every answer, the same labels as eager. Version 1 pinned, a data directory and cache key
+    of its own. On a host CPU without bf16 units openvino-bf16 must be refused with its reason, and eager serve."""
     from tests.helpers import tiny_predictions
 
-    data = stack["tmp"] / "data-openvino"
+    data = stack["tmp"] / f"data-{kind}"
     data.mkdir()
     os.chown(data, UID, UID)
-    env = {**stack["env"], "REGISTRY_ALIAS": "1", "REGISTRY_ACCELERATE": "openvino-int8",
-           "REGISTRY_CACHE_KEY": f"{stack['env']['REGISTRY_CACHE_KEY']}-openvino"}
+    env = {**stack["env"], "REGISTRY_ALIAS": "1", "REGISTRY_ACCELERATE": kind,
+           "REGISTRY_CACHE_KEY": f"{stack['env']['REGISTRY_CACHE_KEY']}-{kind}"}
+    bf16_units = "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    expected = "eager" if kind == "openvino-bf16" and not bf16_units else kind
     with running(image, env, data) as ctr, httpx.Client(base_url=ctr["url"], timeout=60) as http:
         body = http.post("/classify", json={"texts": TEXTS}).json()
         runner = http.get("/models", headers={"Authorization": f"Bearer {ADMIN}"}).json()["models"][MODEL]["runner"]
-        assert body["model"]["version"] == "1" and body["model"].get("execution") == "openvino-int8", (body, runner.get("accelerate"))
+        assert body["model"]["version"] == "1" and body["model"].get("execution", "eager") == expected, (body, runner.get("accelerate"))
         assert [p["label"] for p in body["predictions"]] == [label for label, _ in tiny_predictions(21, TEXTS)]
+        if expected == "eager":
+            assert "bf16 units" in runner["accelerate"]["refused"], runner["accelerate"]
+            return
         parity = runner["accelerate"]["parity"]
         assert parity["label_mismatches"] == 0 and parity["engine"].startswith("openvino"), runner["accelerate"]
-    assert list(data.rglob("accelerated/openvino-int8-*/conversion.json")), sorted(map(str, data.rglob("*")))[:40]
+        if kind == "openvino-bf16":
+            assert ", bf16," in parity["engine"], parity["engine"]
+    converted = "openvino-int8" if kind == "openvino-int8" else "openvino"  # openvino-bf16 runs the openvino conversion
+    assert list(data.rglob(f"accelerated/{converted}-*/conversion.json")), sorted(map(str, data.rglob("*")))[:40]
