@@ -130,6 +130,8 @@ def cpu_split(svc: Any, bodies: list[bytes], clients: int, seconds: float) -> di
     after, idle_after = _thread_ticks(svc.proc.pid), _machine_idle()
     window = time.perf_counter() - started
     load.join()
+    if "load" not in result:
+        return {"summary": "not measured: the load run failed", "cores": {}}
     hz = os.sysconf("SC_CLK_TCK")
     main = sum(t - before.get(k, 0) for k, t in after.items() if k[0] == k[1]) / hz / window
     other = sum(t - before.get(k, 0) for k, t in after.items() if k[0] != k[1]) / hz / window

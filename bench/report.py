@@ -234,7 +234,7 @@ SUBJECT_LABELS = {
     "service-onnx-int8": "service, `REGISTRY_ACCELERATE=onnx-int8` (ONNX Runtime, fused, int8 weights)",
     "service-openvino": "service, `REGISTRY_ACCELERATE=openvino` (OpenVINO CPU, f32)",
     "service-openvino-int8": "service, `REGISTRY_ACCELERATE=openvino-int8` (OpenVINO CPU, int8 weights)",
-    "service-openvino-bf16": "service, `REGISTRY_ACCELERATE=openvino-bf16` (OpenVINO CPU, bfloat16 on AMX)",
+    "service-openvino-bf16": "service, `REGISTRY_ACCELERATE=openvino-bf16` (OpenVINO CPU, bfloat16 on the CPU's bf16 units)",
     "service-2-workers": "service, `REGISTRY_WORKERS=2` (1 lane each)",
     "service-1-lane": "service, one lane of one torch thread (the default before lanes)",
     "mlflow": "`mlflow models serve`",
@@ -278,7 +278,8 @@ def hotpath_markdown(results: dict[str, Any], full: bool = False) -> str:
             label += (", its best configuration" if full else f", its best of {sum(n.startswith(best[name] + '-') for n in subjects)} configurations"
                       ) + f" ({top['rps']:.0f} req/s at {top['clients']} clients)"
         if accelerated(name) and execution.get(name) == "eager":
-            label += " — refused at load (parity), eager served"
+            refused = str(((detail.get("runners") or {}).get(name, {}).get("accelerate") or {}).get("refused", ""))
+            label += f" — refused at load ({'parity' if refused.startswith('parity') else 'see /models'}), eager served"
         lines.append(f"| {label} | " + " / ".join(f"{r.get('rps', 0):.0f}" for r in rows)
                      + f" | {rows[2].get('p50_ms') or 0:,.0f} / {rows[2].get('p99_ms') or 0:,.0f} ms | {rows[2].get('rps', 0) / eager32:.2f}× |")
     return "\n".join(lines)

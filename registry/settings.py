@@ -233,7 +233,7 @@ class RegistrySettings(BaseSettings):
     """Opt-in faster execution of a transformers model: `int8` (torch dynamic quantization of its Linear layers);
     `onnx` / `onnx-int8` (ONNX Runtime, transformer graph fusion, int8 weights); `openvino` / `openvino-int8`
     (OpenVINO CPU, int8 weights); `openvino-bf16` (OpenVINO computing in bfloat16, on a CPU with bf16 units such
-    as AMX or AVX512-BF16, refused on one without; the fastest form where it runs). The ONNX and OpenVINO forms
+    as AMX or AVX512-BF16, refused on one without; the fastest form measured, on AMX). The ONNX and OpenVINO forms
     need `pip install '.[accelerate]'` (the bento and its image carry the OpenVINO forms only) and are converted
     once at load, cached beside the artifact. Serves only after agreeing with the eager model at load (gate set,
     else warm-up texts); else eager serves and `/models` says why."""

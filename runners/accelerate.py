@@ -13,8 +13,8 @@
   weights, with activations quantized per group at run time).
 - `openvino-bf16`: the `openvino` graph (the same cached conversion) computed in bfloat16
   (`INFERENCE_PRECISION_HINT=bf16`): on a CPU with bf16 units (Intel AMX or AVX512-BF16) the matrix
-  products run on them. A CPU without them is refused up front (OpenVINO would emulate bf16, slower
-  than f32), and the eager model serves.
+  products run on them. A CPU without them is refused up front, before converting (OpenVINO would
+  emulate bf16, slower than f32), and the eager model serves.
 
 The two exported int8 forms keep their f32 graph beside them and answer like eager near a tie: a row
 whose two highest class probabilities are within `2 x REGISTRY_ACCELERATE_MAX_DIFF` of each other
@@ -23,8 +23,9 @@ that answer is used. Most texts are far from a tie; a text near one gets the eag
 
 The ONNX / OpenVINO forms are converted at load, once: the result is written beside the artifact in
 the artifact cache (`<cache>/<name>/<version>/<sha256>/accelerated/<kind>-<fingerprint>/`, the
-fingerprint covering the recipe and the converters' versions), into a temporary directory renamed
-into place, under a lock so that two workers do not convert at once; a restart loads it directly.
+fingerprint covering the recipe and the converters' versions; `openvino-bf16` uses the `openvino`
+entry, `CONVERTED_AS`), into a temporary directory renamed into place, under a lock so that two
+workers do not convert at once; a restart loads it directly.
 
 Nothing accelerated serves unless it agrees with the eager model first: at load, both classify the
 parity texts (the model's gate set when one is configured, else the warm-up texts); every label must
@@ -163,6 +164,17 @@ def compare(eager: Forward, accelerated: Forward, batches: Sequence[Mapping[str,
     return Parity(n, mismatches, worst, source)
 
 
+def _cpu_capabilities() -> list[str]:
+    import openvino as ov
+
+    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin computes bf16 natively here (AMX or AVX512-BF16); it would emulate it otherwise."""
+    return "BF16" in _cpu_capabilities()
+
+
 def missing_packages(kind: str) -> list[str]:
     """The packages an acceleration needs that this environment lacks (import names)."""
     return [name for name in EXPORTED.get(kind, ()) if importlib.util.find_spec(name) is None]
@@ -184,6 +196,9 @@ def accelerate(kind: str, module: Optional[torch.nn.Module], eager: Forward,
     missing = missing_packages(kind)
     if missing:
         raise AccelerationRefused(f"{kind} needs the package(s) {', '.join(missing)}, not installed here ({INSTALL_HINT})")
+    if kind == "openvino-bf16" and not cpu_has_bf16():  # before converting anything
+        raise AccelerationRefused(f"openvino-bf16 needs a CPU with bf16 units (Intel AMX or AVX512-BF16); this one offers "
+                                  f"{', '.join(_cpu_capabilities())}: REGISTRY_ACCELERATE=openvino runs here")
     if module is None:
         raise AccelerationRefused("this artifact form has no eager torch module to accelerate (exported programs are not)")
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
@@ -490,15 +505,10 @@ def _onnxruntime_forward(path: Path, plan: Plan) -> tuple[Forward, str]:
 def _openvino_forward(path: Path, plan: Plan, int8: bool, precision: str = "f32") -> tuple[Forward, str]:
     """An OpenVINO CPU compiled model, one stream per forward lane and one infer request per lane thread.
 
-    `precision`: what the CPU plugin computes in, `f32` or `bf16` (refused on a CPU without bf16 units)."""
+    `precision`: what the CPU plugin computes in, `f32` or `bf16`; refused when the plugin settles on another."""
     import openvino as ov
 
     core = ov.Core()
-    if precision == "bf16":
-        capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        if "BF16" not in capabilities:
-            raise AccelerationRefused(f"openvino-bf16 needs a CPU with bf16 units (Intel AMX or AVX512-BF16); this one "
-                                      f"offers {', '.join(capabilities)}: REGISTRY_ACCELERATE=openvino runs here")
     config: dict[str, Any] = {"NUM_STREAMS": plan.lanes, "INFERENCE_NUM_THREADS": plan.lanes * plan.torch_threads,
                               "INFERENCE_PRECISION_HINT": precision, "ENABLE_CPU_PINNING": False}
     if int8:
@@ -516,4 +526,6 @@ def _openvino_forward(path: Path, plan: Plan, int8: bool, precision: str = "f32"
         return torch.from_numpy(result[output].copy())  # the request's output buffer is reused by its next call
 
     computes_in = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # what the plugin settled on
+    if computes_in != precision:
+        raise AccelerationRefused(f"OpenVINO's CPU plugin computes in {computes_in} here, not {precision}")
     return forward, f"openvino {ov.__version__} CPU, {computes_in}, {plan.lanes} stream(s) x {plan.torch_threads} thread(s)"

@@ -92,7 +92,7 @@ EXPORTED = ("onnx", "onnx-int8", "openvino", "openvino-int8", "openvino-bf16")
 def test_exported_form_agrees_is_named_and_cached(kind: str, hf_dir: Path, tmp_path: Path) -> None:
     from runners import accelerate
 
-    if kind == "openvino-bf16" and not _cpu_has_bf16():  # what such a CPU must do instead
+    if kind == "openvino-bf16" and not accelerate.cpu_has_bf16():  # what such a CPU must do instead
         refused = _runner(hf_dir, tmp_path, accelerate=kind)
         assert refused.execution == "eager" and "bf16 units" in refused.describe()["accelerate"]["refused"]
         return
@@ -107,6 +107,8 @@ def test_exported_form_agrees_is_named_and_cached(kind: str, hf_dir: Path, tmp_p
     assert info["converted"] is True and accelerate.CONVERSIONS[converted] == before + 1
     assert info["parity"]["label_mismatches"] == 0 and info["parity"]["max_diff"] <= 0.05
     assert info["parity"]["engine"].startswith("onnxruntime" if kind.startswith("onnx") else "openvino")
+    if kind.startswith("openvino"):  # the precision OpenVINO computes in, as the engine names it
+        assert (", bf16," if kind == "openvino-bf16" else ", f32,") in info["parity"]["engine"], info["parity"]["engine"]
     assert runner._require().module is None  # the eager module is not kept
     got = runner.predict(TEXTS + ["a long text " * 60])  # a window of the tokenizer's whole length: dynamic axes
     assert [p["label"] for p in got[:3]] == [p["label"] for p in eager]
@@ -123,12 +125,6 @@ def test_exported_form_agrees_is_named_and_cached(kind: str, hf_dir: Path, tmp_p
     assert [p["label"] for p in again.predict(TEXTS)] == [p["label"] for p in eager]
 
 
-def _cpu_has_bf16() -> bool:
-    import openvino as ov
-
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
 def test_openvino_bf16_is_refused_without_bf16_units(hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a CPU whose OpenVINO plugin offers no BF16 (emulated bf16 is slower than f32), eager serves and says why."""
     import openvino as ov
@@ -139,10 +135,14 @@ def test_openvino_bf16_is_refused_without_bf16_units(hf_dir: Path, tmp_path: Pat
         value = real(self, *args)
         return [c for c in value if c != "BF16"] if args[1:] == ("OPTIMIZATION_CAPABILITIES",) else value
 
+    from runners import accelerate
+
     monkeypatch.setattr(ov.Core, "get_property", without_bf16)
+    before = accelerate.CONVERSIONS["openvino"]
     runner = _runner(hf_dir, tmp_path, accelerate="openvino-bf16")
     refused = runner.describe()["accelerate"]["refused"]
     assert runner.execution == "eager" and "bf16 units" in refused and "REGISTRY_ACCELERATE=openvino" in refused, refused
+    assert accelerate.CONVERSIONS["openvino"] == before and not list(tmp_path.rglob("accelerated"))  # refused before converting
     assert [p["label"] for p in runner.predict(TEXTS)] == [p["label"] for p in _runner(hf_dir, tmp_path).predict(TEXTS)]
 
 
@@ -150,8 +150,11 @@ def test_exported_forms_run_from_several_threads_at_once(hf_dir: Path, tmp_path:
     from concurrent.futures import ThreadPoolExecutor
 
     expected = _runner(hf_dir, tmp_path).predict(TEXTS * 3)
-    for kind in ("onnx", "openvino", "openvino-bf16"):
+    from runners.accelerate import cpu_has_bf16
+
+    for kind in ("onnx", "openvino", *(("openvino-bf16",) if cpu_has_bf16() else ())):  # refused without bf16 units
         runner = _runner(hf_dir, tmp_path, accelerate=kind, forward_threads=3)
+        assert runner.execution == kind, runner.describe().get("accelerate")
         with ThreadPoolExecutor(3) as pool:
             answers = list(pool.map(runner.predict, [TEXTS * 3] * 12))
         assert all([p["label"] for p in a] == [p["label"] for p in expected] for a in answers), kind
