@@ -196,9 +196,9 @@ def accelerate(kind: str, module: Optional[torch.nn.Module], eager: Forward,
     missing = missing_packages(kind)
     if missing:
         raise AccelerationRefused(f"{kind} needs the package(s) {', '.join(missing)}, not installed here ({INSTALL_HINT})")
-    if kind == "openvino-bf16" and not cpu_has_bf16():  # before converting anything
+    if kind == "openvino-bf16" and "BF16" not in (capabilities := _cpu_capabilities()):  # before converting anything
         raise AccelerationRefused(f"openvino-bf16 needs a CPU with bf16 units (Intel AMX or AVX512-BF16); this one offers "
-                                  f"{', '.join(_cpu_capabilities())}: REGISTRY_ACCELERATE=openvino runs here")
+                                  f"{', '.join(capabilities)}: REGISTRY_ACCELERATE=openvino runs here")
     if module is None:
         raise AccelerationRefused("this artifact form has no eager torch module to accelerate (exported programs are not)")
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
