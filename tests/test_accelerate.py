@@ -125,6 +125,22 @@ def test_exported_form_agrees_is_named_and_cached(kind: str, hf_dir: Path, tmp_p
     assert [p["label"] for p in again.predict(TEXTS)] == [p["label"] for p in eager]
 
 
+def test_openvino_bf16_shares_the_openvino_conversion(hf_dir: Path, tmp_path: Path) -> None:
+    """Switching between `openvino` and `openvino-bf16` converts once: the second loads the first's cache entry."""
+    from runners import accelerate
+
+    first = _runner(hf_dir, tmp_path, accelerate="openvino")
+    assert first.execution == "openvino" and first.describe()["accelerate"]["converted"] is True
+    before = accelerate.CONVERSIONS["openvino"]
+    second = _runner(hf_dir, tmp_path, accelerate="openvino-bf16")
+    expected = "openvino-bf16" if accelerate.cpu_has_bf16() else "eager"  # refused without bf16 units, before converting
+    assert second.execution == expected, second.describe()["accelerate"]
+    assert accelerate.CONVERSIONS["openvino"] == before
+    assert len(list((tmp_path / "artifacts").rglob(f"accelerated/*/{accelerate.DONE}"))) == 1
+    if expected == "openvino-bf16":
+        assert second.describe()["accelerate"]["converted"] is False
+
+
 def test_openvino_bf16_is_refused_without_bf16_units(hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a CPU whose OpenVINO plugin offers no BF16 (emulated bf16 is slower than f32), eager serves and says why."""
     import openvino as ov
