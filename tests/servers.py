@@ -6,6 +6,7 @@ A server that does not come up fails the test loudly with its log; nothing is ev
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,10 +20,46 @@ import httpx
 VENV_BIN = Path(sys.executable).parent
 
 
+#: Ports `free_port` handed out in this process: never the same one twice in a run.
+_GIVEN: set[int] = set()
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local port of an outgoing connection (Linux), else its usual default."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on, for a server about to start.
+
+    Picked below the kernel's ephemeral range where there is room: a port asked of the kernel
+    (`bind(0)`) comes from that range, where any outgoing connection of the run (a client of
+    another server) can take it as its own local port between this pick and the server's bind
+    (seen: `bentoml serve` exiting with "Address already in use" once in a full run).
+    """
+    low, _ = _ephemeral_ports()
+    candidates = random.Random().sample(range(max(1024, low - 10000), low), k=min(200, max(0, low - 1024)))
+    for port in candidates:
+        if port in _GIVEN:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    while True:  # no room below the range: the kernel's pick, still never one handed out before
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def port_open(port: int) -> bool:
