@@ -80,9 +80,16 @@ def pad_rows(tokenizer: Any, rows: Sequence[Sequence[int]], length: Optional[int
     on the tokenizer's padding side with its pad token: what `tokenizer.pad(..., return_tensors="pt")`
     answers for these two keys, built in one array (`tokenizer.pad` walks every row in Python: 312 µs a
     group of 8 against 20 here, which counts where the forward pass is cheap, as with `openvino-bf16`).
-    A tokenizer without a pad token is left to `tokenizer.pad`, which says why it cannot pad."""
+    A tokenizer without a pad token is left to `tokenizer.pad`, which says why it cannot pad.
+
+    Raises:
+        ValueError: a row is longer than `length` (a program exported for one sequence length cannot read it).
+    """
+    longest = max((len(row) for row in rows), default=0)
+    if length is not None and longest > length:
+        raise ValueError(f"an input of {longest} tokens does not fit the model's fixed length of {length}")
     pad_id = getattr(tokenizer, "pad_token_id", None)
-    width = max(length or 0, max((len(row) for row in rows), default=0))
+    width = max(length or 0, longest)
     if pad_id is None:
         return tokenizer.pad({"input_ids": [list(row) for row in rows], "attention_mask": [[1] * len(row) for row in rows]},
                              padding="max_length" if length else True, max_length=length, return_tensors="pt")

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -20,8 +21,12 @@ import httpx
 VENV_BIN = Path(sys.executable).parent
 
 
-#: Ports `free_port` handed out in this process: never the same one twice in a run.
+#: Ports `free_port` handed out in this process: never the same one twice in a run (servers may be
+#: started from several threads at once: the lock makes a pick and its record one step).
 _GIVEN: set[int] = set()
+_GIVEN_LOCK = threading.Lock()
+#: Where the candidates are drawn from (a test replaces it).
+_RANDOM = random.Random()
 
 
 def _ephemeral_ports() -> tuple[int, int]:
@@ -42,24 +47,25 @@ def free_port() -> int:
     (seen: `bentoml serve` exiting with "Address already in use" once in a full run).
     """
     low, _ = _ephemeral_ports()
-    candidates = random.Random().sample(range(max(1024, low - 10000), low), k=min(200, max(0, low - 1024)))
-    for port in candidates:
-        if port in _GIVEN:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
+    with _GIVEN_LOCK:
+        candidates = _RANDOM.sample(range(max(1024, low - 10000), low), k=min(200, max(0, low - 1024)))
+        for port in candidates:
+            if port in _GIVEN:
                 continue
-        _GIVEN.add(port)
-        return port
-    while True:  # no room below the range: the kernel's pick, still never one handed out before
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in _GIVEN:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
             _GIVEN.add(port)
             return port
+        while True:  # no room below the range: the kernel's pick, still never one handed out before
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            if port not in _GIVEN:
+                _GIVEN.add(port)
+                return port
 
 
 def port_open(port: int) -> bool:

