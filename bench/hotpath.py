@@ -222,18 +222,20 @@ CEILING_NAME = "raw ceiling (same windows, any batching of <= 32 texts in flight
 IN_FLIGHT = max(LEVELS)
 
 
+def in_flight(row: dict[str, Any]) -> int:
+    """Texts a configuration holds at once: a batch on each lane."""
+    return row["batch"] * row.get("lanes", 1)
+
+
 def counted(runs: dict[str, Any], wide: bool = False) -> list[dict[str, Any]]:
     """The configurations the ceiling counts (at most `IN_FLIGHT` texts at once), or (`wide`) those it does not."""
-    return [r for r in runs.values() if (r["batch"] * r.get("lanes", 1) > IN_FLIGHT) == wide]
+    return [r for r in runs.values() if (in_flight(r) > IN_FLIGHT) == wide]
 
 
-def best(runs: dict[str, Any], threads: Optional[int] = None, mode: Optional[str] = None, lanes: Optional[int] = None,
-         in_flight: Optional[int] = IN_FLIGHT) -> dict[str, Any]:
-    """The fastest configuration of the given torch threads, batching mode and lanes, holding at most
-    `in_flight` texts at once (None: any); none given: the ceiling."""
-    return max((r for r in runs.values() if (threads is None or r["threads"] == threads) and (mode is None or r["mode"] == mode)
-                and (lanes is None or r.get("lanes", 1) == lanes)
-                and (in_flight is None or r["batch"] * r.get("lanes", 1) <= in_flight)),
+def best(runs: dict[str, Any], threads: Optional[int] = None, mode: Optional[str] = None, lanes: Optional[int] = None) -> dict[str, Any]:
+    """The fastest counted configuration (`counted`) of the given torch threads, batching mode and lanes (none given: the ceiling)."""
+    return max((r for r in counted(runs) if (threads is None or r["threads"] == threads) and (mode is None or r["mode"] == mode)
+                and (lanes is None or r.get("lanes", 1) == lanes)),
                key=lambda r: r["texts_per_s"])
 
 

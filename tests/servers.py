@@ -29,13 +29,12 @@ _GIVEN_LOCK = threading.Lock()
 _RANDOM = random.Random()
 
 
-def _ephemeral_ports() -> tuple[int, int]:
-    """The kernel's range for the local port of an outgoing connection (Linux), else its usual default."""
+def _ephemeral_low() -> int:
+    """Where the kernel's range for the local port of an outgoing connection starts (Linux), else its usual default."""
     try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
@@ -46,7 +45,7 @@ def free_port() -> int:
     another server) can take it as its own local port between this pick and the server's bind
     (seen: `bentoml serve` exiting with "Address already in use" once in a full run).
     """
-    low, _ = _ephemeral_ports()
+    low = _ephemeral_low()
     with _GIVEN_LOCK:
         candidates = _RANDOM.sample(range(max(1024, low - 10000), low), k=min(200, max(0, low - 1024)))
         for port in candidates:
