@@ -95,49 +95,44 @@ class RawModel:
             owners += [i] * len(pieces)
         return inputs, owners
 
-    def _labels(self, probs: list[list[float]], owners: list[int], count: int) -> list[str]:
-        """Per text, the label of its window with the highest probability on the positive labels (the service's rule)."""
-        best: dict[int, list[float]] = {}
-        for row, owner in zip(probs, owners):
-            if owner not in best or sum(row[k] for k in self.reading.positive) > sum(best[owner][k] for k in self.reading.positive):
-                best[owner] = row
-        return [self.labels[max(range(len(best[i])), key=best[i].__getitem__)] for i in range(count)]
+    def _forward(self, rows: list[list[int]]) -> Any:
+        """Logits of model inputs (token ids, special tokens included), padded to the longest, as the service pads."""
+        import torch
+
+        from runners.text import pad_rows
+
+        with torch.inference_mode():
+            return self.model(**pad_rows(self.tokenizer, rows)).logits
+
+    def _classify(self, texts: list[str], group: Optional[int]) -> list[str]:
+        """Labels of `texts` from their windows, run in length groups of at most `group` (None: one pass over all);
+        per text, the label of its window most likely positive, the first of equals (the service's rule)."""
+        from runners.text import length_groups
+
+        inputs, owners = self.inputs(texts)
+        groups = length_groups([len(ids) for ids in inputs], group) if group else [list(range(len(inputs)))]
+        probs: list[list[float]] = [[] for _ in inputs]
+        for idx in groups:
+            for i, row in zip(idx, self._forward([inputs[i] for i in idx]).softmax(dim=-1).tolist()):
+                probs[i] = row
+        positive = [sum(row[k] for k in self.reading.positive) for row in probs]
+        winner: dict[int, int] = {}
+        for i, owner in enumerate(owners):
+            if owner not in winner or positive[i] > positive[winner[owner]]:
+                winner[owner] = i
+        return [self.labels[max(range(len(probs[w])), key=probs[w].__getitem__)] for w in (winner[t] for t in range(len(texts)))]
 
     def predict(self, texts: list[str]) -> list[str]:
         """One forward pass over every window of `texts`, padded to the longest."""
-        import torch
-
-        from runners.text import pad_rows
-
-        inputs, owners = self.inputs(texts)
-        with torch.inference_mode():
-            probs = self.model(**pad_rows(self.tokenizer, inputs)).logits.softmax(dim=-1).tolist()
-        return self._labels(probs, owners, len(texts))
+        return self._classify(texts, None)
 
     def predict_grouped(self, texts: list[str], group: int = SERVICE_GROUP) -> list[str]:
         """The service's scheme with nothing around it: the windows of `texts` in length groups of at most `group`, padded per group."""
-        import torch
-
-        from runners.text import length_groups, pad_rows
-
-        inputs, owners = self.inputs(texts)
-        probs: list[list[float]] = [[] for _ in inputs]
-        for idx in length_groups([len(ids) for ids in inputs], group):
-            with torch.inference_mode():
-                rows = self.model(**pad_rows(self.tokenizer, [inputs[i] for i in idx])).logits.softmax(dim=-1).tolist()
-            for i, row in zip(idx, rows):
-                probs[i] = row
-        return self._labels(probs, owners, len(texts))
+        return self._classify(texts, group)
 
     def predict_inputs(self, inputs: list[list[int]]) -> list[int]:
         """Forward over model inputs already cut (token ids, special tokens included), padded to the longest: class indices."""
-        import torch
-
-        from runners.text import pad_rows
-
-        batch = pad_rows(self.tokenizer, inputs)
-        with torch.inference_mode():
-            return self.model(**batch).logits.argmax(dim=-1).tolist()
+        return self._forward(inputs).argmax(dim=-1).tolist()
 
 
 def on_lanes(lane: Callable[[int], None], lanes: int) -> None:
@@ -214,12 +209,12 @@ def raw_ceiling(raw: RawModel, texts: list[str], seconds: float, trials: int, co
     return {"runs": results, "labels": labels}
 
 
-#: The ceiling as the headline ratios name it.
-CEILING_NAME = "raw ceiling (same windows, any batching of <= 32 texts in flight, 1-2 threads, lanes)"
 #: Texts the service can hold at once at its highest load level: one text a request, one request a client.
 #: The ceiling counts only configurations holding at most this many (lanes x batch): 2 lanes of 32 would
 #: need 64 texts in flight, which 32 clients never send.
 IN_FLIGHT = max(LEVELS)
+#: The ceiling as the headline ratios name it.
+CEILING_NAME = f"raw ceiling (same windows, any batching of <= {IN_FLIGHT} texts in flight, 1-2 threads, lanes)"
 
 
 def in_flight(row: dict[str, Any]) -> int:
