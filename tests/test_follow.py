@@ -110,8 +110,10 @@ def test_alias_moves_reach_both_replicas_by_webhook_under_load_with_gate_and_rol
         client.set_registered_model_alias(PREFIX + model, "champion", "2")  # MLflow calls the first replica only
         for service in (first, second):
             wait_for(lambda s=service: served_version(s) == "2", 60, f"{service.url} to serve version 2")
-        health = first.admin.get("/registry/health").json()
-        assert health["follow"]["last"][model]["trigger"] == "webhook", health["follow"]
+        # The swap is visible before the reconcile that made it is recorded (it still waits for the other
+        # replica's acknowledgement): wait for the record, not only for the version.
+        wait_for(lambda: (r := first.admin.get("/registry/health").json()["follow"]["last"].get(model)) and
+                 r["trigger"] == "webhook" and r.get("version") == "2", 60, "the first replica's record of a webhook reconcile")
         cached = read_cache(env).section(model, source="redis")  # refreshed from MLflow before the rollout
         assert "champion" in next(r for r in cached.versions if r.version == "2").aliases
         assert first.admin.get("/models").json()["models"][model]["gate"]["accuracy"] == 1.0
