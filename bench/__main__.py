@@ -87,13 +87,17 @@ def evaluate(reports: dict[str, AreaReport]) -> list[dict[str, object]]:
         report = reports.get(t.area)
         fig = report.get(t.key) if report else None
         measured = None if fig is None else (fig.ratio if t.use == "ratio" else fig.value)
-        status = "not measured" if measured is None else ("met" if t.check(measured) else "not met")
+        if fig is not None and fig.refused:
+            status = "refused"  # the figure measured the eager model standing in, not what the target is about
+        else:
+            status = "not measured" if measured is None else ("met" if t.check(measured) else "not met")
         out.append({"target": t.text, "area": t.area, "figure": t.key, "key": t.key,
                     "value": None if fig is None or fig.value is None else round(fig.value, 4),
                     "baseline": None if fig is None or fig.baseline is None else round(fig.baseline, 4),
                     "baseline_name": None if fig is None else fig.baseline_name,
                     "ratio": None if fig is None or fig.ratio is None else round(fig.ratio, 4),
-                    "measured": None if measured is None else round(measured, 4), "as": t.use, "status": status})
+                    "measured": None if measured is None else round(measured, 4), "as": t.use, "status": status,
+                    **({"refused": fig.refused} if fig is not None and fig.refused else {})})
     return out
 
 
@@ -118,7 +122,8 @@ def render_targets(rows: list[dict[str, object]]) -> str:
     for row in rows:
         measured = row["measured"]
         shown = "-" if measured is None else (f"{measured:.2f}x" if row["as"] == "ratio" else f"{measured:g}")
-        lines.append(f"  [{str(row['status']).upper():>12}] {row['target']}  (measured {shown})")
+        why = f"; refused on this machine: {row['refused']}" if row.get("refused") else ""
+        lines.append(f"  [{str(row['status']).upper():>12}] {row['target']}  (measured {shown}{why})")
     return "\n".join(lines)
 
 

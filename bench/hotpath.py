@@ -429,16 +429,18 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         name = f"service-{kind}"
         key = "accel" if kind == "int8" else f"accel_{kind.replace('-', '_')}"  # int8 keeps the keys of earlier runs
         info = runner_info.get(name, {}).get("accelerate") or {}
+        # A refused form serves the eager model: its figures are the eager model's, and say so.
+        refused = "" if execution.get(name) == kind else str(info.get("refused") or f"execution {execution.get(name)}")
         for c in LEVELS:
             a = results[name][c]
             report.add(f"REGISTRY_ACCELERATE={kind} throughput, {c} clients", a.rps, "req/s", "service, eager", service[c].rps,
                        key=f"{key}_vs_eager_{c}", note=f"execution {execution[name]}; p50 {a.p50_ms or 0:.0f} ms, p99 {a.p99_ms or 0:.0f} ms; "
-                                                      f"mean batch {mean_batch[name][c]}")
+                                                      f"mean batch {mean_batch[name][c]}", refused=refused)
         report.add(f"REGISTRY_ACCELERATE={kind} non-200 + errors, 32 clients", float(results[name][32].bad), "count", key=f"{key}_bad_32")
         mismatch = sum(a != b for a, b in zip(labels[name], labels["service"], strict=True))
         parity = info.get("parity") or {}
         report.add(f"REGISTRY_ACCELERATE={kind} labels differing from eager (56-text mix)", float(mismatch), "count",
-                   key=f"{key}_label_mismatches",
+                   key=f"{key}_label_mismatches", refused=refused,
                    note=f"execution {execution[name]}; " + (f"refused: {info['refused']}" if "refused" in info else
                         f"parity on the {parity.get('source')}: {parity.get('label_mismatches')} labels differ, "
                         f"max probability difference {parity.get('max_diff')}; {parity.get('engine')}")

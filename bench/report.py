@@ -24,6 +24,9 @@ class Figure:
     baseline: Optional[float] = None
     note: str = ""
     key: str = ""  # stable id for the JSON file and the targets
+    #: Why the configuration this figure is about did not run as asked (a REGISTRY_ACCELERATE form the
+    #: service refused, so that the eager model served); a target read from it is "refused", not met or missed.
+    refused: str = ""
 
     @property
     def ratio(self) -> Optional[float]:
@@ -51,8 +54,8 @@ class AreaReport:
     loadavg: Optional[tuple[list[float], list[float]]] = None  # (before, after): other work on the machine shows here
 
     def add(self, name: str, value: Optional[float], unit: str, baseline_name: str = "", baseline: Optional[float] = None,
-            note: str = "", key: str = "") -> Figure:
-        fig = Figure(name, value, unit, baseline_name, baseline, note, key)
+            note: str = "", key: str = "", refused: str = "") -> Figure:
+        fig = Figure(name, value, unit, baseline_name, baseline, note, key, refused)
         self.figures.append(fig)
         return fig
 
