@@ -87,17 +87,15 @@ def evaluate(reports: dict[str, AreaReport]) -> list[dict[str, object]]:
         report = reports.get(t.area)
         fig = report.get(t.key) if report else None
         measured = None if fig is None else (fig.ratio if t.use == "ratio" else fig.value)
-        if fig is not None and fig.refused:
-            status = "refused"  # the figure measured the eager model standing in, not what the target is about
-        else:
-            status = "not measured" if measured is None else ("met" if t.check(measured) else "not met")
+        refused = fig.refused if fig is not None else ""  # the figure measured the eager model standing in
+        status = ("refused" if refused else "not measured" if measured is None else "met" if t.check(measured) else "not met")
         out.append({"target": t.text, "area": t.area, "figure": t.key, "key": t.key,
                     "value": None if fig is None or fig.value is None else round(fig.value, 4),
                     "baseline": None if fig is None or fig.baseline is None else round(fig.baseline, 4),
                     "baseline_name": None if fig is None else fig.baseline_name,
                     "ratio": None if fig is None or fig.ratio is None else round(fig.ratio, 4),
                     "measured": None if measured is None else round(measured, 4), "as": t.use, "status": status,
-                    **({"refused": fig.refused} if fig is not None and fig.refused else {})})
+                    **({"refused": refused} if refused else {})})
     return out
 
 

@@ -441,7 +441,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         parity = info.get("parity") or {}
         report.add(f"REGISTRY_ACCELERATE={kind} labels differing from eager (56-text mix)", float(mismatch), "count",
                    key=f"{key}_label_mismatches", refused=refused,
-                   note=f"execution {execution[name]}; " + (f"refused: {info['refused']}" if "refused" in info else
+                   note=f"execution {execution[name]}; " + (f"refused: {refused}" if refused else
                         f"parity on the {parity.get('source')}: {parity.get('label_mismatches')} labels differ, "
                         f"max probability difference {parity.get('max_diff')}; {parity.get('engine')}")
                    + (f"; rows near a tie rerun in f32 (since load): {runner_info[name]['near_tie']}" if runner_info.get(name, {}).get("near_tie")
