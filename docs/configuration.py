@@ -3,7 +3,7 @@
     python -m docs.configuration            # print the table (docs/hooks.py puts it into configuration.md)
 
 One source for every variable, its default and its meaning: `registry.settings.RegistrySettings`
-(the plugin's) and `service.ClassifierLimits` (the service's own). tests/test_bento.py compares
+(the plugin's) and `service.ClassifierSettings` (the service's own). tests/test_bento.py compares
 this list with bentofile.yaml's `envs`.
 """
 
@@ -46,9 +46,9 @@ def docstrings(cls: type) -> dict[str, str]:
 
 def settings_classes() -> list[type[BaseModel]]:
     from registry.settings import RegistrySettings
-    from service import ClassifierLimits
+    from service import ClassifierSettings
 
-    return [RegistrySettings, ClassifierLimits]
+    return [RegistrySettings, ClassifierSettings]
 
 
 def fields() -> Iterator[tuple[str, type[BaseModel], str, FieldInfo]]:

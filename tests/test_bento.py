@@ -52,7 +52,7 @@ def bentofile_envs() -> dict[str, Optional[str]]:
 
 
 def test_bentofile_declares_every_setting_with_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service import ClassifierLimits
+    from service import ClassifierSettings
 
     fields = setting_fields()
     declared = bentofile_envs()
@@ -70,7 +70,7 @@ def test_bentofile_declares_every_setting_with_its_default(monkeypatch: pytest.M
             monkeypatch.delenv(name)
     for name, value in declared.items():
         monkeypatch.setenv(name, value or "")
-    built = {RegistrySettings: RegistrySettings.from_env(), ClassifierLimits: ClassifierLimits.from_env()}
+    built = {RegistrySettings: RegistrySettings.from_env(), ClassifierSettings: ClassifierSettings.from_env()}
     for name, (cls, field_name, field) in fields.items():
         got = getattr(built[cls], field_name)
         want = DEPLOYMENT_VALUES.get(name, field.get_default(call_default_factory=True))

@@ -35,6 +35,7 @@ def test_metrics_move_with_resolutions_reloads_and_a_failing_layer(tmp_path, ser
         "REGISTRY_BREAKER_FAILURES": "2",
         "REGISTRY_POLL_INTERVAL": "600",
         "REGISTRY_LOG_FORMAT": "json",
+        "REGISTRY_TRACE_CLASSIFY": "true",  # /classify through OpenTelemetry, as every other route
     }, workers=2).start()
     try:
         service.wait_ready()
@@ -49,6 +50,8 @@ def test_metrics_move_with_resolutions_reloads_and_a_failing_layer(tmp_path, ser
         assert total(before, "registry_model_load_seconds_count", model=model) == 2
         assert total(before, "registry_cache_writes_total", target="file", outcome="ok") >= 1
         assert total(before, "registry_circuit_open", layer="training_api") == 0  # one failure per worker: below 2
+        traced = service.classify(["traced"])  # REGISTRY_TRACE_CLASSIFY=true: BentoML's request id, from its span
+        assert traced.status_code == 200 and traced.headers.get("x-bentoml-request-id"), dict(traced.headers)
 
         response = service.reload(model=model, version="1")
         assert response.status_code == 200 and response.json()["workers"]["acknowledged"] == 2, response.text
