@@ -9,7 +9,10 @@ Subjects serving the same registered demo model (version 1):
   threads 1 and 2 (2 threads is the machine's width; taking the best can only raise the ceiling),
   and the service's scheme on two forward lanes (two Python threads of one torch thread each),
   counting only those holding at most 32 texts at once (what 32 clients can send; 2 lanes of 32
-  are measured and listed beside it);
+  are measured and listed beside it). The headline ratio divides by the ceiling's two best
+  configurations measured again right before and right after the service's level at 32 clients
+  (a shared host's speed drifts by more than the 10% the target allows over a run); the ratio to
+  the best trial of the whole run, before the servers started included, is reported beside it;
 - the service, `bentoml serve` with its defaults (one worker; forward and torch threads `auto`: on
   2 cores, two forward lanes of one torch thread), the same with each `REGISTRY_ACCELERATE` value
   (int8, onnx, onnx-int8, openvino, openvino-int8, openvino-bf16; parity on the demo's gate set), with
@@ -217,6 +220,14 @@ IN_FLIGHT = max(LEVELS)
 CEILING_NAME = f"raw ceiling (same windows, any batching of <= {IN_FLIGHT} texts in flight, 1-2 threads, lanes)"
 
 
+#: How many of the ceiling's best configurations are measured again beside the service's level at 32 clients.
+PAIRED_CONFIGS = 2
+
+
+def _trials(runs: dict[str, Any]) -> dict[str, list[float]]:
+    return {key: row["trials"] for key, row in runs.items()}
+
+
 def in_flight(row: dict[str, Any]) -> int:
     """Texts a configuration holds at once: a batch on each lane."""
     return row["batch"] * row.get("lanes", 1)
@@ -337,6 +348,7 @@ def run(lab: Lab, quick: bool) -> AreaReport:
     cpu: dict[str, Any] = {}
     execution: dict[str, str] = {}
     runner_info: dict[str, Any] = {}
+    paired: dict[str, Any] = {}  # the ceiling's best configurations, measured beside the service's level at 32 clients
     try:
         service_bodies = [json.dumps({"texts": [t]}).encode() for t in texts]
         for name, proc in services.items():
@@ -353,14 +365,23 @@ def run(lab: Lab, quick: bool) -> AreaReport:
         for name, peer in peers.items():
             labels[name] = peer.labels(texts)
             subjects[name] = (peer.url, peer.path, [peer.body(t) for t in texts])
+        # The ceiling's best configurations again right before and right after the service's level at 32 clients:
+        # the machine's speed drifts (shared hosts), and the headline ratio compares figures of the same minutes.
+        beside = [(r["threads"], r["batch"], r["mode"], r["lanes"])
+                  for r in sorted(counted(runs), key=lambda r: r["texts_per_s"], reverse=True)[:PAIRED_CONFIGS]]
         for c in LEVELS:
             for name, (url, path, bodies) in subjects.items():
                 loadavg[f"{name}_{c}"] = os.getloadavg()[0]
+                paired_level = name == "service" and c == IN_FLIGHT
+                if paired_level:
+                    raw_ceiling(raw_model, texts, raw_s, 1, configs=beside, results=paired)
                 if name in services and name != "service-2-workers":  # /models counts one worker's batches only
                     levels, batches = service_levels(services[name], demo.name, bodies, duration, warmup, levels=(c,))
                     results.setdefault(name, {})[c], mean_batch[name][c] = levels[c], batches[c]
                 else:
                     results.setdefault(name, {})[c] = run_load(url, path, bodies, c, duration, warmup)
+                if paired_level:
+                    raw_ceiling(raw_model, texts, raw_s, 1, configs=beside, results=paired)
         # The ceiling again, now, for its best configurations: other work on the machine moves during a run,
         # and a ceiling measured only before the servers started could be lower than what the service then reached.
         top = sorted(counted(runs), key=lambda r: r["texts_per_s"], reverse=True)[:3] + sorted(
@@ -414,8 +435,14 @@ def run(lab: Lab, quick: bool) -> AreaReport:
 
     # The issue's headline ratios, all at 32 clients, all from this run.
     s32 = service[32]
-    report.add("service vs honest raw ceiling, 32 clients", s32.rps, "req/s", CEILING_NAME,
-               ceiling["texts_per_s"], key="svc_vs_ceiling_32")
+    beside_best = best(paired)
+    report.add("service vs honest raw ceiling, 32 clients", s32.rps, "req/s", CEILING_NAME + ", measured beside the service",
+               beside_best["texts_per_s"], key="svc_vs_ceiling_32",
+               note=f"{_config(beside_best)}, best of the run's top {PAIRED_CONFIGS} configurations measured right before and "
+                    f"right after the service's level (trials {', '.join(f'{k}: {v}' for k, v in _trials(paired).items())})")
+    report.add("service vs the run's best raw ceiling, 32 clients", s32.rps, "req/s", CEILING_NAME + ", best of the whole run",
+               ceiling["texts_per_s"], key="svc_vs_run_ceiling_32",
+               note="the ceiling's best trial at any time of the run, before the servers started included")
     report.add("service p99 vs p50, 32 clients", s32.p99_ms, "ms", "service p50", s32.p50_ms, key="svc_p99_over_p50_32")
     w2 = results["service-2-workers"][32]
     report.add("service, REGISTRY_WORKERS=2, vs honest raw ceiling, 32 clients", w2.rps, "req/s", CEILING_NAME,
